@@ -1,0 +1,116 @@
+"""rl.kernels — THE kernel set: every op that touches a token's logprob.
+
+Trainer (full sequence, autograd) and rollout (prefill + decode with caches, inside vLLM)
+both call these functions, so a token's logprob is computed by the same arithmetic on both
+sides. Ops (shapes in each backend's docstrings):
+
+    linear, rms_norm, gated_group_rms_norm, rope, softmax_attention,
+    lightning_attention, moe_route, moe_experts, logprobs, log_softmax_logits
+
+Contract (DESIGN.md §2; each property has a bitwise test): batch invariance, prefill/decode
+invariance, run-to-run determinism, trainer = rollout, the paper's precision rules.
+
+Backends: `cpu` (torch ops arranged to be invariant) and `triton` (GPU). The mode `stock`
+swaps in plain torch ops with no invariance, only so `lockstep mismatch` can show what drift
+looks like. Select with `set_kernels("lockstep"|"stock")` or the `kernels(...)` context
+manager; the backend follows the tensors' device. The model never branches on either.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from types import ModuleType
+
+import torch
+
+MODES = ("lockstep", "stock")
+_mode = "lockstep"
+_backends: dict[str, ModuleType] = {}
+
+
+def set_kernels(mode: str) -> None:
+    """Select the kernel mode for this process: `lockstep` (invariant) or `stock`."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"kernels: unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    _mode = mode
+
+
+def get_kernels() -> str:
+    return _mode
+
+
+@contextlib.contextmanager
+def kernels(mode: str):
+    """Context manager form of `set_kernels`."""
+    previous = _mode
+    set_kernels(mode)
+    try:
+        yield
+    finally:
+        set_kernels(previous)
+
+
+def _backend_name(device: torch.device) -> str:
+    if _mode == "stock":
+        return "stock"
+    return "triton" if device.type == "cuda" else "cpu"
+
+
+def backend_for(device: torch.device) -> ModuleType:
+    """The module implementing the ops for tensors on `device` in the current mode."""
+    name = _backend_name(device)
+    if name not in _backends:
+        _backends[name] = importlib.import_module(f"rl.kernels.{name}")
+    return _backends[name]
+
+
+def linear(x, weight, out_dtype=None):
+    return backend_for(x.device).linear(x, weight, out_dtype)
+
+
+def rms_norm(x, weight, eps):
+    return backend_for(x.device).rms_norm(x, weight, eps)
+
+
+def gated_group_rms_norm(x, gate, weight, num_groups, eps):
+    return backend_for(x.device).gated_group_rms_norm(x, gate, weight, num_groups, eps)
+
+
+def rope(x, positions, rotary_dim, theta):
+    return backend_for(x.device).rope(x, positions, rotary_dim, theta)
+
+
+def softmax_attention(q, k, v, batch, kv_cache=None, scale=None):
+    return backend_for(q.device).softmax_attention(q, k, v, batch, kv_cache, scale)
+
+
+def lightning_attention(q, k, v, log_decay, batch, state=None, chunk_size=64):
+    return backend_for(q.device).lightning_attention(q, k, v, log_decay, batch, state, chunk_size)
+
+
+def moe_route(x, gate_weight, expert_bias, top_k, n_group, topk_group, norm_topk_prob,
+              routed_scaling_factor):
+    return backend_for(x.device).moe_route(x, gate_weight, expert_bias, top_k, n_group,
+                                           topk_group, norm_topk_prob, routed_scaling_factor)
+
+
+def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
+    return backend_for(x.device).moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w)
+
+
+def log_softmax_logits(hidden, lm_head_weight, temperature=1.0):
+    return backend_for(hidden.device).log_softmax_logits(hidden, lm_head_weight, temperature)
+
+
+def logprobs(hidden, lm_head_weight, token_ids, temperature=1.0):
+    return backend_for(hidden.device).logprobs(hidden, lm_head_weight, token_ids, temperature)
+
+
+from rl.kernels.batch import BatchMeta  # noqa: E402  (plain data, no backend import)
+
+__all__ = [
+    "BatchMeta", "MODES", "set_kernels", "get_kernels", "kernels", "backend_for", "linear",
+    "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention", "lightning_attention",
+    "moe_route", "moe_experts", "log_softmax_logits", "logprobs",
+]

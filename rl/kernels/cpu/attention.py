@@ -1,0 +1,122 @@
+"""Causal GQA softmax attention over a paged KV cache: one kernel for prefill and decode.
+
+Every query row walks its sequence's keys in fixed blocks of BLOCK_K logical positions,
+starting at position 0, whatever the call shape:
+  1. scores = (q · k) * scale per (TILE_Q-row tile, BLOCK_K block) via `bmm_fixed`;
+  2. the row max over all visible keys (a max is exact in any order);
+  3. p = exp(s - max), zero where masked; row sum accumulated block by block, in order;
+  4. o = Σ_blocks p_b @ v_b, accumulated block by block, in order; o / sum.
+Masked keys contribute exactly +0.0, so a row's bits do not depend on how many padded rows or
+blocks share the call: a decode row equals the same row inside a full prefill, chunked prefill
+at any split, or a recompute after preemption. K/V are written to the cache (in the cache
+dtype) before attention reads them; without a cache (the trainer), K/V are used as given,
+which is the same values because the cache dtype is the model dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rl.kernels.batch import BatchMeta
+from rl.kernels.cpu.matmul import bmm_fixed
+
+TILE_Q = 16
+BLOCK_K = 64
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return max(m, -(-x // m) * m)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store K/V of new tokens. kv_cache [blocks, Hkv, block_size, 2D] (K in [..., :D], V after)."""
+    block_size = kv_cache.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    kv = torch.cat([k[keep], v[keep]], dim=-1).to(kv_cache.dtype)
+    kv_cache[slots // block_size, :, slots % block_size] = kv
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, length: int):
+    """Logical K/V [B, Hkv, length, D] in fp32 from pages; positions >= seq_len are zero."""
+    block_size, d2 = kv_cache.shape[2], kv_cache.shape[3]
+    n_pages = -(-int(seq_lens.max()) // block_size)
+    pages = kv_cache[block_table[:, :n_pages].long()]               # [B, P, Hkv, bs, 2D]
+    b, p, h = pages.shape[:3]
+    kv = pages.permute(0, 2, 1, 3, 4).reshape(b, h, p * block_size, d2).float()
+    kv = F.pad(kv, (0, 0, 0, max(0, length - p * block_size)))[:, :, :length]
+    valid = torch.arange(length, device=kv.device)[None, :] < seq_lens[:, None]
+    kv = torch.where(valid[:, None, :, None], kv, torch.zeros((), device=kv.device))
+    return kv[..., : d2 // 2], kv[..., d2 // 2:]
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BatchMeta,
+                      kv_cache: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """q [N, Hq, D], k/v [N, Hkv, D] for the new tokens -> o [N, Hq, D] in q.dtype.
+
+    With `kv_cache` ([blocks, Hkv, block_size, 2D]) new K/V are written at
+    `batch.slot_mapping` and keys are read through `batch.block_table`; without it the
+    sequences have no context (`context_lens == 0`) and k/v are all their keys.
+    Bitwise invariant to batch composition, row position, prefill/decode split, page layout.
+    """
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    q_lens, seq_lens = batch.query_lens, batch.seq_lens
+    num_seqs = batch.num_seqs
+    seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), q_lens)
+    local = torch.arange(n, device=q.device) - batch.query_start_loc[:-1][seq_idx]
+    len_k = _ceil_to(int(seq_lens.max()), BLOCK_K)
+    len_q = _ceil_to(int(q_lens.max()), TILE_Q)
+
+    if kv_cache is not None:
+        write_kv(kv_cache, k, v, batch.slot_mapping)
+        k_all, v_all = gather_kv(kv_cache, batch.block_table, seq_lens, len_k)
+    else:
+        if int(batch.context_lens.max()) != 0:
+            raise ValueError("softmax_attention: context_lens > 0 needs a kv_cache")
+        k_all = q.new_zeros((num_seqs, len_k, hkv, d), dtype=torch.float32)
+        v_all = torch.zeros_like(k_all)
+        k_all = k_all.index_put((seq_idx, local), k.float()).transpose(1, 2)
+        v_all = v_all.index_put((seq_idx, local), v.float()).transpose(1, 2)
+
+    # queries: [B, Hkv, rows = group * len_q, D], row r = (g, t)
+    q_pad = q.new_zeros((num_seqs, len_q, hq, d), dtype=torch.float32)
+    q_pad = q_pad.index_put((seq_idx, local), q.float())
+    q_pad = q_pad.view(num_seqs, len_q, hkv, group, d).permute(0, 2, 3, 1, 4)
+    rows = group * len_q
+    q_rows = q_pad.reshape(num_seqs * hkv, rows // TILE_Q, 1, TILE_Q, d)
+    n_tiles, n_blocks = rows // TILE_Q, len_k // BLOCK_K
+    k_blocks = k_all.reshape(num_seqs * hkv, 1, n_blocks, BLOCK_K, d)
+
+    g = num_seqs * hkv * n_tiles * n_blocks
+    a = q_rows.expand(-1, -1, n_blocks, -1, -1).reshape(g, TILE_Q, d)
+    b = k_blocks.transpose(-1, -2).expand(-1, n_tiles, -1, -1, -1).reshape(g, d, BLOCK_K)
+    scores = bmm_fixed(a, b).view(num_seqs, hkv, n_tiles, n_blocks, TILE_Q, BLOCK_K) * scale
+
+    # mask: key position <= query position (and the row is a real query)
+    q_pos = torch.full((num_seqs, len_q), -1, dtype=torch.int64, device=q.device)
+    q_pos[seq_idx, local] = batch.positions()
+    row_pos = q_pos[:, None, :].expand(-1, group, -1).reshape(num_seqs, 1, n_tiles, 1, TILE_Q, 1)
+    key_pos = torch.arange(len_k, device=q.device).view(1, 1, 1, n_blocks, 1, BLOCK_K)
+    visible = key_pos <= row_pos
+    neg_inf = torch.tensor(float("-inf"), device=q.device)
+    scores = torch.where(visible, scores, neg_inf)
+    row_max = scores.amax(dim=(3, 5), keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros((), device=q.device))
+    p = torch.where(visible, torch.exp(scores - row_max), torch.zeros((), device=q.device))
+
+    block_sums = p.sum(-1)                                     # [B, Hkv, tiles, blocks, TQ]
+    pv = bmm_fixed(p.reshape(g, TILE_Q, BLOCK_K),
+                   v_all.reshape(num_seqs * hkv, 1, n_blocks, BLOCK_K, d)
+                   .expand(-1, n_tiles, -1, -1, -1).reshape(g, BLOCK_K, d))
+    pv = pv.view(num_seqs, hkv, n_tiles, n_blocks, TILE_Q, d)
+    denom, out = block_sums[:, :, :, 0], pv[:, :, :, 0]
+    for blk in range(1, n_blocks):                             # fixed order: block 0, 1, 2...
+        denom = denom + block_sums[:, :, :, blk]
+        out = out + pv[:, :, :, blk]
+    denom = torch.where(denom > 0, denom, torch.ones((), device=q.device))
+    out = out / denom[..., None]                               # [B, Hkv, tiles, TQ, D]
+    out = out.reshape(num_seqs, hkv, group, len_q, d).permute(0, 3, 1, 2, 4).reshape(num_seqs, len_q, hq, d)
+    return out[seq_idx, local].to(q.dtype)

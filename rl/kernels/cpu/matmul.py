@@ -1,0 +1,49 @@
+"""Batch-invariant matrix products on CPU.
+
+`bmm_fixed(a [G, m, k], b [G, k, n])` is the one contraction primitive of the cpu backend.
+Callers give it fixed per-matrix shapes (m, k, n depend only on the layer, never on how many
+rows share the call); it pads G to at least 2 so ATen runs the matrices in parallel with a
+single-threaded GEMM each (a lone GEMM would be split across threads differently). Each
+output element is then reduced over k by the same GEMM micro-kernel in the same order,
+whatever G is and wherever the row sits in its tile.
+
+`linear` tiles the rows of x into fixed TILE_M-row matrices and runs them through
+`bmm_fixed` in fp32 (bf16 inputs are widened exactly), so a row's output bits do not depend
+on M, on the other rows, or on the row's position. The output is rounded to `out_dtype`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TILE_M = 32
+
+
+def bmm_fixed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[G, m, k] @ [G, k, n] -> [G, m, n] in a's dtype; G >= 2 is enforced by padding."""
+    g = a.shape[0]
+    if g == 1:
+        a = torch.cat([a, torch.zeros_like(a)])
+        b = b.expand(2, -1, -1)
+    out = torch.bmm(a, b)
+    return out[:g] if g == 1 else out
+
+
+def matmul_rows(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w_t [K, N], both fp32, rows tiled to TILE_M; batch-invariant in M."""
+    m, k = x.shape
+    n_tiles = max(1, -(-m // TILE_M))
+    x = F.pad(x, (0, 0, 0, n_tiles * TILE_M - m)).view(n_tiles, TILE_M, k)
+    out = bmm_fixed(x, w_t.unsqueeze(0).expand(n_tiles, -1, -1))
+    return out.reshape(n_tiles * TILE_M, -1)[:m]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x @ weightᵀ. x [..., K] (bf16/fp32), weight [N, K]; fp32 accumulate.
+
+    Bitwise invariant to the number of rows, their values and positions, and the thread
+    count (1 or 2 threads, tested). Output dtype: `out_dtype` or x.dtype.
+    """
+    lead = x.shape[:-1]
+    y = matmul_rows(x.reshape(-1, x.shape[-1]).float(), weight.float().t())
+    return y.reshape(*lead, weight.shape[0]).to(out_dtype or x.dtype)
