@@ -5,7 +5,7 @@ both call these functions, so a token's logprob is computed by the same arithmet
 sides. Ops (shapes in each backend's docstrings):
 
     linear, rms_norm, gated_group_rms_norm, rope, softmax_attention,
-    lightning_attention, moe_route, moe_experts, logprobs, log_softmax_logits
+    lightning_attention, moe_route, moe_experts, silu, logprobs, log_softmax_logits
 
 Contract (DESIGN.md §2; each property has a bitwise test): batch invariance, prefill/decode
 invariance, run-to-run determinism, trainer = rollout, the paper's precision rules.
@@ -99,6 +99,10 @@ def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
     return backend_for(x.device).moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w)
 
 
+def silu(x):
+    return backend_for(x.device).silu(x)
+
+
 def log_softmax_logits(hidden, lm_head_weight, temperature=1.0):
     return backend_for(hidden.device).log_softmax_logits(hidden, lm_head_weight, temperature)
 
@@ -112,5 +116,5 @@ from rl.kernels.batch import BatchMeta  # noqa: E402  (plain data, no backend im
 __all__ = [
     "BatchMeta", "MODES", "set_kernels", "get_kernels", "kernels", "backend_for", "linear",
     "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention", "lightning_attention",
-    "moe_route", "moe_experts", "log_softmax_logits", "logprobs",
+    "moe_route", "moe_experts", "silu", "log_softmax_logits", "logprobs",
 ]

@@ -18,6 +18,10 @@ from rl.kernels.cpu.moe import select_experts
 from rl.kernels.cpu.rope import rope  # noqa: F401  (RoPE is the same fp32 op in both modes)
 
 
+def silu(x):
+    return F.silu(x)
+
+
 def linear(x, weight, out_dtype=None):
     if out_dtype is not None and out_dtype != x.dtype:
         return F.linear(x.to(out_dtype), weight.to(out_dtype))

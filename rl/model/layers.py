@@ -1,0 +1,194 @@
+"""Layers of the Ring-linear model: own the parameters, call `rl.kernels` for all math.
+
+Parameter names match the released checkpoints (`query_key_value`, `g_proj`, `g_norm`,
+`dense`, `gate.expert_bias`, `experts.{e}.gate_proj`, ...). Every layer takes flat tokens
+`[N, hidden]` plus a `BatchMeta` (how the tokens split into sequences) and an optional
+per-layer cache owned by the caller (the reference decoder or vLLM).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rl import kernels as K
+from rl.kernels import BatchMeta
+from rl.model.config import BailingMoeLinearV2Config
+
+
+class Linear(nn.Module):
+    """Bias-free projection y = x Wᵀ through `kernels.linear`; weight [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return K.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return K.rms_norm(x, self.weight, self.eps)
+
+
+class GatedGroupNorm(nn.Module):
+    """`g_norm`: RMSNorm in `num_groups` groups, then times sigmoid(gate)."""
+
+    def __init__(self, dim: int, num_groups: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.num_groups, self.eps = num_groups, eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return K.gated_group_rms_norm(x, gate, self.weight, self.num_groups, self.eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP (the dense first layer and the shared expert)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = Linear(hidden, intermediate)
+        self.up_proj = Linear(hidden, intermediate)
+        self.down_proj = Linear(intermediate, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = K.silu(self.gate_proj(x).float()) * self.up_proj(x).float()
+        return self.down_proj(act.to(x.dtype))
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi head slopes s_h (H=16: 2^(-0.5(h+1)); H=32: 2^(-0.25(h+1)))."""
+    def power_of_2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+    if math.log2(num_heads).is_integer():
+        return power_of_2(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
+
+
+def linear_log_decay(config: BailingMoeLinearV2Config, layer_idx: int) -> torch.Tensor:
+    """log λ_h = -s_h · f(l) as fp32 [H]; f(l) = 1 - l'/(L-1) + 1e-5 with l' = l ("engine")
+    or l - 1 ("hf"). One formula for trainer and rollout: it is a config field."""
+    num_layers = config.num_hidden_layers
+    l_eff = layer_idx if config.linear_decay_form == "engine" else layer_idx - 1
+    factor = 1.0 - l_eff / max(num_layers - 1, 1) + 1e-5
+    return torch.tensor([-s * factor for s in alibi_slopes(config.num_attention_heads)], dtype=torch.float32)
+
+
+class LinearAttention(nn.Module):
+    """Lightning-attention layer: MHA q/k/v, qk-norm, partial RoPE, decayed linear attention
+    with an fp32 state, gated group norm, output projection."""
+
+    def __init__(self, config: BailingMoeLinearV2Config, layer_idx: int):
+        super().__init__()
+        h, d = config.num_attention_heads, config.head_dim
+        self.num_heads, self.head_dim = h, d
+        self.rotary_dim, self.rope_theta = config.rotary_dim, config.rope_theta
+        self.chunk_size = config.linear_chunk_size
+        self.query_key_value = Linear(config.hidden_size, 3 * h * d)
+        self.use_qk_norm = config.use_qk_norm
+        if config.use_qk_norm:
+            self.query_layernorm = RMSNorm(d, config.rms_norm_eps)
+            self.key_layernorm = RMSNorm(d, config.rms_norm_eps)
+        self.g_proj = Linear(config.hidden_size, h * d)
+        self.g_norm = GatedGroupNorm(h * d, config.group_norm_size, config.rms_norm_eps)
+        self.dense = Linear(h * d, config.hidden_size)
+        self.register_buffer("log_decay", linear_log_decay(config, layer_idx), persistent=False)
+
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-request state: S at the last chunk boundary [H, D, D] and the pending k/v of
+        the partial chunk [H, C, 2D], both fp32."""
+        h, d = self.num_heads, self.head_dim
+        return (h, d, d), (h, self.chunk_size, 2 * d)
+
+    def forward(self, x: torch.Tensor, batch: BatchMeta, positions: torch.Tensor, state=None) -> torch.Tensor:
+        n = x.shape[0]
+        h, d = self.num_heads, self.head_dim
+        q, k, v = self.query_key_value(x).view(n, 3, h, d).unbind(1)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q = K.rope(q, positions, self.rotary_dim, self.rope_theta)
+        k = K.rope(k, positions, self.rotary_dim, self.rope_theta)
+        o = K.lightning_attention(q, k, v, self.log_decay.float(), batch, state, self.chunk_size)
+        o = self.g_norm(o.reshape(n, h * d), self.g_proj(x))
+        return self.dense(o)
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal GQA softmax attention over the paged KV cache, qk-norm, partial RoPE."""
+
+    def __init__(self, config: BailingMoeLinearV2Config, layer_idx: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = d = config.head_dim
+        self.rotary_dim, self.rope_theta = config.rotary_dim, config.rope_theta
+        self.query_key_value = Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * d)
+        self.use_qk_norm = config.use_qk_norm
+        if config.use_qk_norm:
+            self.query_layernorm = RMSNorm(d, config.rms_norm_eps)
+            self.key_layernorm = RMSNorm(d, config.rms_norm_eps)
+        self.dense = Linear(self.num_heads * d, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, batch: BatchMeta, positions: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        n, d = x.shape[0], self.head_dim
+        qkv = self.query_key_value(x)
+        q = qkv[:, : self.num_heads * d].view(n, self.num_heads, d)
+        k = qkv[:, self.num_heads * d: (self.num_heads + self.num_kv_heads) * d].view(n, self.num_kv_heads, d)
+        v = qkv[:, (self.num_heads + self.num_kv_heads) * d:].view(n, self.num_kv_heads, d)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q = K.rope(q, positions, self.rotary_dim, self.rope_theta)
+        k = K.rope(k, positions, self.rotary_dim, self.rope_theta)
+        o = K.softmax_attention(q, k, v, batch, kv_cache, d ** -0.5)
+        return self.dense(o.reshape(n, self.num_heads * d))
+
+
+class Router(nn.Module):
+    """`mlp.gate`: fp32 router weight use, sigmoid scores, expert bias for selection only."""
+
+    def __init__(self, config: BailingMoeLinearV2Config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        if config.moe_router_enable_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor):
+        return K.moe_route(x, self.weight, self.expert_bias, self.top_k, self.n_group, self.topk_group,
+                           self.norm_topk_prob, self.scaling)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: BailingMoeLinearV2Config):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size)
+                                     for _ in range(config.num_experts))
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
+                               if config.num_shared_experts else None)
+
+    def forward(self, x: torch.Tensor, trace=None) -> torch.Tensor:
+        weights, ids, logits = self.gate(x)
+        if trace is not None:
+            trace("router", logits)
+        routed = K.moe_experts(x, ids, weights,
+                               [e.gate_proj.weight for e in self.experts],
+                               [e.up_proj.weight for e in self.experts],
+                               [e.down_proj.weight for e in self.experts])
+        if trace is not None:
+            trace("experts", routed)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(x)
+        return routed
