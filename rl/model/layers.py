@@ -75,13 +75,14 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
 
 
-def linear_log_decay(config: BailingMoeLinearV2Config, layer_idx: int) -> torch.Tensor:
-    """log λ_h = -s_h · f(l) as fp32 [H]; f(l) = 1 - l'/(L-1) + 1e-5 with l' = l ("engine")
-    or l - 1 ("hf"). One formula for trainer and rollout: it is a config field."""
+def linear_log_decay(config: BailingMoeLinearV2Config, layer_idx: int) -> list[float]:
+    """log λ_h = -s_h · f(l) per head (python floats, made fp32 where used);
+    f(l) = 1 - l'/(L-1) + 1e-5 with l' = l ("engine") or l - 1 ("hf").
+    One formula for trainer and rollout: it is a config field."""
     num_layers = config.num_hidden_layers
     l_eff = layer_idx if config.linear_decay_form == "engine" else layer_idx - 1
     factor = 1.0 - l_eff / max(num_layers - 1, 1) + 1e-5
-    return torch.tensor([-s * factor for s in alibi_slopes(config.num_attention_heads)], dtype=torch.float32)
+    return [-s * factor for s in alibi_slopes(config.num_attention_heads)]
 
 
 class LinearAttention(nn.Module):
@@ -102,7 +103,8 @@ class LinearAttention(nn.Module):
         self.g_proj = Linear(config.hidden_size, h * d)
         self.g_norm = GatedGroupNorm(h * d, config.group_norm_size, config.rms_norm_eps)
         self.dense = Linear(h * d, config.hidden_size)
-        self.register_buffer("log_decay", linear_log_decay(config, layer_idx), persistent=False)
+        # not a buffer: HF loading materialises non-persistent buffers from the meta device
+        self.log_decay_values = linear_log_decay(config, layer_idx)
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-request state: S at the last chunk boundary [H, D, D] and the pending k/v of
@@ -118,7 +120,8 @@ class LinearAttention(nn.Module):
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         q = K.rope(q, positions, self.rotary_dim, self.rope_theta)
         k = K.rope(k, positions, self.rotary_dim, self.rope_theta)
-        o = K.lightning_attention(q, k, v, self.log_decay.float(), batch, state, self.chunk_size)
+        log_decay = torch.tensor(self.log_decay_values, dtype=torch.float32, device=x.device)
+        o = K.lightning_attention(q, k, v, log_decay, batch, state, self.chunk_size)
         o = self.g_norm(o.reshape(n, h * d), self.g_proj(x))
         return self.dense(o)
 
