@@ -56,3 +56,17 @@ def test_truncation_mask():
     by_flag = truncation_mask(lengths, 10, finished=torch.tensor([True, True, False]))
     assert by_flag.keep.tolist() == [True, True, False]
     assert by_flag.num_masked == 1
+
+
+def test_apply_overlong_from_config():
+    from rl.algos import AlgoConfig, apply_overlong
+
+    # max 10, buffer 4, factor 1: lengths 6 -> 0, 8 -> -0.5, 10 -> -1; truncated = length 10
+    cfg = AlgoConfig(max_response_len=10,
+                     overlong={"buffer_len": 4, "penalty_factor": 1.0, "mask_truncated": True})
+    rewards, keep = apply_overlong(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([6, 8, 10]), cfg)
+    torch.testing.assert_close(rewards, torch.tensor([1.0, 0.5, 0.0]))
+    assert keep.tolist() == [True, True, False]
+    # Defaults: nothing changes.
+    rewards, keep = apply_overlong(torch.tensor([1.0]), torch.tensor([99]), AlgoConfig())
+    assert rewards.tolist() == [1.0] and keep.tolist() == [True]

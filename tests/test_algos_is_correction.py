@@ -14,11 +14,13 @@ from rl.algos import IS_CORRECTIONS, get_is_correction
 # row1   3,   1,   (1/3)      1 1 0    3         3^(1/2)   = 1.7321
 # row2   0.5, 0.5, 1          1 1 1    0.25      0.25^(1/3)= 0.6300
 # row3   1.1, 1.1, 1.1        1 1 1    1.331     1.1
-RHO = [[1.0, 3.0, 0.5], [3.0, 1.0, 1 / 3], [0.5, 0.5, 1.0], [1.1, 1.1, 1.1]]
-MASK = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]], dtype=torch.float64)
-ROLLOUT = torch.full((4, 3), -1.3, dtype=torch.float64)
+# row4   1.3, (5),  (5)       1 0 0    1.3       1.3  (over T=3 it would be 1.3^(1/3) = 1.091)
+RHO = [[1.0, 3.0, 0.5], [3.0, 1.0, 1 / 3], [0.5, 0.5, 1.0], [1.1, 1.1, 1.1], [1.3, 5.0, 5.0]]
+MASK = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]],
+                    dtype=torch.float64)
+ROLLOUT = torch.full((5, 3), -1.3, dtype=torch.float64)
 OLD = ROLLOUT + torch.tensor([[math.log(r) for r in row] for row in RHO], dtype=torch.float64)
-NUM_TOKENS = 11
+NUM_TOKENS = 12
 
 
 def test_registry():
@@ -31,7 +33,7 @@ def test_token_tis_truncates_only_large_ratios():
     # cap 2: the two tokens with rho 3, (0,1) and (1,0), become exactly 2; nothing masked.
     result = get_is_correction("tis", high=2.0)(OLD, ROLLOUT, MASK)
     expected = torch.tensor([[1.0, 2.0, 0.5], [2.0, 1.0, 0.0], [0.5, 0.5, 1.0],
-                             [1.1, 1.1, 1.1]], dtype=torch.float64)
+                             [1.1, 1.1, 1.1], [1.3, 0.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(result.weights, expected, atol=1e-12, rtol=0)
     assert result.weights[0, 1].item() == 2.0 and result.weights[1, 0].item() == 2.0
     assert torch.equal(result.mask, MASK.bool())
@@ -39,28 +41,31 @@ def test_token_tis_truncates_only_large_ratios():
 
 
 def test_sequence_mis_masks_rows_out_of_bounds():
-    # [0.5, 2]: row0 1.5 keep, row1 3 mask, row2 0.25 mask, row3 1.331 keep
+    # [0.5, 2]: row0 1.5 keep, row1 3 mask, row2 0.25 mask, row3 1.331 keep, row4 1.3 keep
     result = get_is_correction("mis_seq", low=0.5, high=2.0)(OLD, ROLLOUT, MASK)
-    expected = torch.tensor([[1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    expected = torch.tensor([[1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 0, 0]],
+                            dtype=torch.bool)
     assert torch.equal(result.mask, expected)
     assert torch.equal(result.weights, expected.double())
-    assert result.metrics["is_seq_masked_frac"].item() == pytest.approx(0.5)
+    assert result.metrics["is_seq_masked_frac"].item() == pytest.approx(2 / 5)
     assert result.metrics["is_token_masked_frac"].item() == pytest.approx(5 / NUM_TOKENS)
 
 
 def test_geometric_mis_masks_by_per_token_mean():
     # [0.9, 1.12]: row0 1.1447 mask (the sequence-level test above kept it), row1 1.732 mask,
-    # row2 0.630 mask, row3 1.1 keep
+    # row2 0.630 mask, row3 1.1 keep, row4 1.3 mask (the mean is over its 1 real token)
     result = get_is_correction("mis_geo", low=0.9, high=1.12)(OLD, ROLLOUT, MASK)
-    expected = torch.tensor([[0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    expected = torch.tensor([[0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 1], [0, 0, 0]],
+                            dtype=torch.bool)
     assert torch.equal(result.mask, expected)
-    assert result.metrics["is_seq_masked_frac"].item() == pytest.approx(0.75)
+    assert result.metrics["is_seq_masked_frac"].item() == pytest.approx(4 / 5)
 
 
 def test_icepop_masks_tokens_outside_band():
     # [0.6, 2.5]: masked high (rho 3): (0,1), (1,0); masked low (rho 0.5): (0,2), (2,0), (2,1)
     result = get_is_correction("icepop", low=0.6, high=2.5)(OLD, ROLLOUT, MASK)
-    expected = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    expected = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [1, 0, 0]],
+                            dtype=torch.bool)
     assert torch.equal(result.mask, expected)
     assert result.metrics["is_token_masked_frac"].item() == pytest.approx(5 / NUM_TOKENS)
     assert result.metrics["is_token_masked_low_frac"].item() == pytest.approx(3 / NUM_TOKENS)

@@ -10,7 +10,7 @@ Modules (each documents its shapes):
     config         AlgoConfig, the run config's ``algo:`` section
     policy_loss    compute_policy_loss, the per-micro-batch actor loss the trainer calls
 
-Step order in the driver: rewards (+ overlong_penalty) -> dynamic_sampling_filter ->
+Step order in the driver: rewards (+ apply_overlong) -> dynamic_sampling_filter ->
 kl_penalty_rewards (if kl_reward_coef) -> cfg.build_advantage_estimator()(...) -> trainer:
 compute_policy_loss per micro-batch (and value_loss for the critic).
 """
@@ -27,6 +27,7 @@ from rl.algos.config import AlgoConfig
 from rl.algos.filters import (
     DynamicSamplingResult,
     TruncationMaskResult,
+    apply_overlong,
     dynamic_sampling_filter,
     overlong_penalty,
     truncation_mask,
@@ -54,6 +55,7 @@ __all__ = [
     "ISCorrectionResult",
     "TruncationMaskResult",
     "aggregate_loss",
+    "apply_overlong",
     "compute_policy_loss",
     "dynamic_sampling_filter",
     "entropy_from_logits",

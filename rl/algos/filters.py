@@ -8,6 +8,7 @@ Role: the driver applies these between reward computation and advantage estimati
 ``overlong_penalty``         DAPO's soft overlong punishment, added to the outcome reward:
                              0 up to ``max_len - buffer`` tokens, then a linear ramp down to
                              ``-penalty_factor`` at ``max_len``.
+``apply_overlong``           both of the above as ``AlgoConfig.overlong`` says.
 ``truncation_mask``          sequence keep-mask that drops truncated samples from the loss
                              (DAPO's overlong filtering): a truncated answer is not wrong, its
                              reward is noise.
@@ -16,11 +17,15 @@ Role: the driver applies these between reward computation and advantage estimati
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from rl.algos.masked import check_finite
+
+if TYPE_CHECKING:
+    from rl.algos.config import AlgoConfig
 
 
 @dataclass(frozen=True)
@@ -100,3 +105,25 @@ def truncation_mask(response_lengths: Tensor, max_response_len: int,
     else:
         keep = response_lengths < max_response_len
     return TruncationMaskResult(keep, int((~keep).sum()))
+
+
+def apply_overlong(rewards: Tensor, response_lengths: Tensor, cfg: AlgoConfig,
+                   finished: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Apply ``cfg.overlong`` to outcome ``rewards [B]``: returns ``(rewards, keep [B] bool)``.
+
+    The penalty is added when ``overlong.buffer_len > 0``; ``keep`` drops truncated samples
+    when ``overlong.mask_truncated`` (else all True). Multiply ``keep[:, None]`` into the loss
+    mask after computing advantages.
+    """
+    overlong = cfg.overlong
+    if overlong.buffer_len > 0:
+        rewards = rewards + overlong_penalty(response_lengths, cfg.max_response_len,
+                                             overlong.buffer_len, overlong.penalty_factor)
+    keep = torch.ones(rewards.shape, dtype=torch.bool, device=rewards.device)
+    if overlong.mask_truncated:
+        if finished is None and cfg.max_response_len is None:
+            raise ValueError("algo.overlong.mask_truncated needs finished flags or "
+                             "algo.max_response_len")
+        limit = cfg.max_response_len if cfg.max_response_len is not None else 0
+        keep = truncation_mask(response_lengths, limit, finished).keep
+    return rewards, keep

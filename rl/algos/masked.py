@@ -33,7 +33,7 @@ def check_response_mask(response_mask: Tensor, name: str = "response_mask") -> T
 
 
 def check_same_shape(reference_name: str, reference: Tensor, **tensors: Tensor | None) -> None:
-    """Raise ``ValueError`` naming the first of ``tensors`` whose shape differs from ``reference``."""
+    """Raise ``ValueError`` naming the first of ``tensors`` not shaped like ``reference``."""
     for name, tensor in tensors.items():
         if tensor is not None and tensor.shape != reference.shape:
             raise ValueError(

@@ -45,7 +45,10 @@ def compute_policy_loss(
     every aggregation (see ``rl.algos.aggregation``); it counts the pre-correction
     ``response_mask`` of the mini-batch, so corrected-away tokens contribute 0 to the sum.
 
-    Returns ``(loss, metrics)``; metrics are detached 0-dim tensors (no host sync here).
+    Returns ``(loss, metrics)``; metrics are detached 0-dim tensors (no host sync here). When
+    the IS correction removed every token, metrics hold only the correction's entries and
+    ``skipped`` (1.0); otherwise also ``pg_*``, ``ppo_kl``, ``ratio_*``, ``kl``/``entropy``
+    when given, ``loss`` and ``skipped`` (0.0).
     """
     mask = check_response_mask(response_mask)
     if cfg.kl.use_kl_loss and ref_logprobs is None:
