@@ -29,16 +29,17 @@ class Trace:
         return torch.cat(self.records[key], dim=0)
 
 
-def first_divergent(a: Trace, b: Trace, rows_a=None, rows_b=None):
-    """First (layer, component) in a's forward order whose rows differ in bits, else None."""
+def first_divergent(a: Trace, b: Trace):
+    """First (layer, component) in a's forward order whose rows differ in bits, else None.
+
+    Rows are tokens in order; only the rows both traces recorded are compared (a replay
+    does not feed the last sampled token, the trainer has no lm_head row for it).
+    """
     for key in a.order:
         if key not in b.records:
             continue
         ta, tb = a.stacked(key), b.stacked(key)
-        if rows_a is not None:
-            ta = ta[rows_a]
-        if rows_b is not None:
-            tb = tb[rows_b]
-        if ta.shape != tb.shape or not torch.equal(ta, tb):
+        rows = min(ta.shape[0], tb.shape[0])
+        if not torch.equal(ta[:rows], tb[:rows]):
             return {"layer": key[0], "component": key[1]}
     return None
