@@ -4,8 +4,11 @@ Only for `lockstep mismatch --kernels stock`, to show what drift looks like: bf1
 `F.linear` (GEMM blocking follows M), HF-style RMSNorm, SDPA per sequence (a decode row is
 computed differently from the same row in prefill), lightning attention in chunk form for a
 full forward but token-by-token recurrence in decode, a model-dtype router with `torch.topk`,
-and index_add expert combine. Same signatures as the lockstep backends. If `fla` is installed
-on a GPU, its simple-GLA kernels are used for lightning attention.
+and index_add expert combine. Same signatures as the lockstep backends. On CUDA the stock
+path is what a GPU stack runs today: one padded SDPA call for the batch, `torch._grouped_mm`
+experts (`grouped_mm_experts`), and, if `fla` is installed, its simple-GLA kernels for
+lightning attention (`chunk_simple_gla` for a forward from position 0,
+`fused_recurrent_simple_gla` from a cached state). CPU behaviour is the plain loops below.
 """
 from __future__ import annotations
 
@@ -41,7 +44,36 @@ def gated_group_rms_norm(x, gate, weight, num_groups, eps):
     return weight.to(x.dtype) * y * torch.sigmoid(gate)
 
 
+def _cuda_softmax_attention(q, k, v, batch: BatchMeta, kv_cache, scale):
+    """One padded SDPA call for the whole batch (queries [B, Tq], keys [B, L] from the cache)."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    num_seqs = batch.num_seqs
+    q_lens, seq_lens = batch.query_lens, batch.seq_lens
+    seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), q_lens)
+    local = torch.arange(n, device=q.device) - batch.query_start_loc[:-1][seq_idx]
+    tq = int(q_lens.max())
+    if kv_cache is not None:
+        write_kv(kv_cache, k, v, batch.slot_mapping)
+        length = int(seq_lens.max())
+        k_all, v_all = gather_kv(kv_cache, batch.block_table, seq_lens, length)
+        k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+    else:
+        length = tq
+        k_all = k.new_zeros((num_seqs, tq, hkv, d)).index_put((seq_idx, local), k).transpose(1, 2)
+        v_all = v.new_zeros((num_seqs, tq, hkv, d)).index_put((seq_idx, local), v).transpose(1, 2)
+    qp = q.new_zeros((num_seqs, tq, hq, d)).index_put((seq_idx, local), q).transpose(1, 2)
+    qpos = batch.context_lens[:, None] + torch.arange(tq, device=q.device)[None, :]
+    mask = torch.arange(length, device=q.device)[None, None, :] <= qpos[:, :, None]
+    group = hq // hkv
+    o = F.scaled_dot_product_attention(qp, k_all.repeat_interleave(group, 1), v_all.repeat_interleave(group, 1),
+                                       attn_mask=mask[:, None], scale=scale)
+    return o.transpose(1, 2)[seq_idx, local]
+
+
 def softmax_attention(q, k, v, batch: BatchMeta, kv_cache=None, scale=None):
+    if q.is_cuda:
+        return _cuda_softmax_attention(q, k, v, batch, kv_cache, scale)
     n, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty_like(q)
@@ -85,7 +117,39 @@ def _chunk_forward(q, k, v, log_decay, chunk=64):
     return torch.cat(outs, 1), s
 
 
+def _fla():
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+        return chunk_simple_gla, fused_recurrent_simple_gla
+    except Exception:
+        return None
+
+
+def _fla_lightning(q, k, v, log_decay, batch: BatchMeta, state, kernels):
+    """fla on CUDA: chunk form from position 0, fused recurrence from a cached state; the
+    state slot holds S after the last token (fla's recurrent state), `pending` is unused."""
+    chunk, recurrent = kernels
+    scale = q.shape[-1] ** -0.5
+    g_gamma = log_decay.float()
+    args = dict(g_gamma=g_gamma, scale=scale, cu_seqlens=batch.query_start_loc)
+    if state is None:
+        return chunk(q[None], k[None], v[None], **args)[0][0]
+    s_pool = state[0]
+    idx = batch.state_indices
+    if int(batch.context_lens.max()) == 0:
+        o, final = chunk(q[None], k[None], v[None], output_final_state=True, **args)
+    else:
+        fresh = (batch.context_lens == 0)[:, None, None, None]
+        init = torch.where(fresh, torch.zeros((), device=q.device), s_pool[idx])
+        o, final = recurrent(q[None], k[None], v[None], initial_state=init, output_final_state=True, **args)
+    s_pool[idx] = final.float()
+    return o[0]
+
+
 def lightning_attention(q, k, v, log_decay, batch: BatchMeta, state=None, chunk_size=64):
+    kernels = _fla() if q.is_cuda else None
+    if kernels is not None:
+        return _fla_lightning(q, k, v, log_decay, batch, state, kernels)
     n, h, d = q.shape
     out = torch.empty_like(q)
     qsl = batch.query_start_loc.tolist()
@@ -121,7 +185,40 @@ def moe_route(x, gate_weight, expert_bias, top_k, n_group, topk_group, norm_topk
     return weights, ids, logits.float()
 
 
+def _stack(ws):
+    return ws if isinstance(ws, torch.Tensor) else torch.stack(list(ws))
+
+
+def grouped_mm_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w, align=16):
+    """Stock GPU MoE: pairs sorted by expert into zero-padded groups (multiples of `align`),
+    `torch._grouped_mm` for gate/up/down, index_add combine. Differentiable; weights stacked
+    [E, I, Hd] / [E, Hd, I] or per-expert sequences (stacked here, differentiably)."""
+    wg, wu, wd = _stack(gate_w), _stack(up_w), _stack(down_w)
+    num_tokens, top_k = topk_ids.shape
+    num_experts = wg.shape[0]
+    flat = topk_ids.reshape(-1)
+    pairs = flat.numel()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + align - 1) // align * align
+    ends = torch.cumsum(padded, 0)
+    expert_sorted = flat[order]
+    local = torch.arange(pairs, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert_sorted]
+    dest = (ends - padded)[expert_sorted] + local
+    rows = pairs + align * num_experts
+    offs = ends.to(torch.int32)
+    offs[-1] = rows                                   # the last group absorbs the slack rows
+    x_pad = x.new_zeros((rows, x.shape[1])).index_put((dest,), x[order // top_k])
+    g = torch._grouped_mm(x_pad, wg.transpose(-2, -1), offs=offs)
+    u = torch._grouped_mm(x_pad, wu.transpose(-2, -1), offs=offs)
+    y = torch._grouped_mm(F.silu(g) * u, wd.transpose(-2, -1), offs=offs)[dest]
+    w = topk_weights.reshape(-1)[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add(0, order // top_k, y * w)
+
+
 def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
+    if x.is_cuda:
+        return grouped_mm_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w)
     out = torch.zeros_like(x)
     for e in torch.unique(topk_ids).tolist():
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)
