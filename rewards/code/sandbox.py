@@ -11,8 +11,9 @@ the jail itself misbehaves, and removes the run's private directory.
 """
 from __future__ import annotations
 
+import compileall
 import fcntl
-import json
+import marshal
 import math
 import os
 import shutil
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from rewards.code.tests_spec import free_names
 
 JAIL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jail")
 SYSTEM_PREFIXES = ("/usr", "/bin", "/lib", "/lib64", "/sbin")
@@ -138,6 +141,8 @@ class Sandbox:
         self._python, self._ro_paths = _python_for_programs(self.cfg)
         self._isolation: dict | None = None
         self._probe_lock = threading.Lock()
+        # The jail runs with -B; byte-compiling it once here saves ~15 ms of CPU per run.
+        compileall.compile_dir(JAIL_DIR, quiet=2)
 
     def _limits(self) -> dict:
         c = self.cfg
@@ -167,7 +172,7 @@ class Sandbox:
                                 stderr=subprocess.PIPE, start_new_session=True,
                                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
         try:
-            out, err = proc.communicate(json.dumps(cfg).encode(), timeout=outer_timeout_s)
+            out, err = proc.communicate(marshal.dumps(cfg), timeout=outer_timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc.pid)
             out, err = proc.communicate()
@@ -175,8 +180,10 @@ class Sandbox:
         finally:
             _kill_group(proc.pid)  # nothing of this run may outlive it
         try:
-            result = json.loads(out)
-        except ValueError:
+            result = marshal.loads(out)
+            if not isinstance(result, dict):
+                raise ValueError("not a dict")
+        except (ValueError, EOFError, TypeError):
             raise SandboxError(f"jail exited {proc.returncode} without a result: "
                                f"{err.decode(errors='replace')[-2000:]}") from None
         if "error" in result:
@@ -204,26 +211,28 @@ class Sandbox:
         self.isolation()
         res = self._launch({"mode": "assert", "program": program,
                             "check": {"units": units, "entry_point": entry_point,
-                                      "setup": setup}},
+                                      "setup": setup,
+                                      "names": free_names([setup, *units], entry_point)}},
                            5.0 + self.cfg.timeout_s + 1.0)["check"]
         passed = [False] * len(units)
         errors: list[str] = []
         load_error = None
-        for line in res["report"]:
-            if not isinstance(line, dict):
-                continue
-            if "load_error" in line:
-                load_error = str(line["load_error"])
-            elif "error" in line:
-                errors.append(str(line["error"]))
-            elif isinstance(line.get("i"), int) and 0 <= line["i"] < len(units):
-                passed[line["i"]] = line.get("ok") is True
-                if line.get("err"):
-                    errors.append(str(line["err"]))
-        done = [line.get("done") for line in res["report"] if isinstance(line, dict)]
-        if done and done[-1] != len(units):  # the checker must have run every test given
+        done = None
+        for words in res["report"]:  # lines "ok I" | "fail I MSG" | "done N" | "load_error MSG"
+            kind, rest = words[0], words[1:]
+            if kind == "load_error":
+                load_error = " ".join(rest)
+            elif kind == "error":
+                errors.append(" ".join(rest))
+            elif kind in ("ok", "fail") and rest and rest[0].isdigit() \
+                    and int(rest[0]) < len(units):
+                passed[int(rest[0])] = kind == "ok"
+                errors.extend(rest[1:])
+            elif kind == "done" and rest and rest[0].isdigit():
+                done = int(rest[0])
+        if done is not None and done != len(units):  # it must have run every test given
             passed = [False] * len(units)
-            errors.append(f"checker ran {done[-1]} tests, {len(units)} given")
+            errors.append(f"checker ran {done} tests, {len(units)} given")
         return AssertResult(passed=passed, load_error=load_error, timed_out=res["timed_out"],
                             errors=errors, wall_s=res["wall_s"])
 
@@ -237,7 +246,7 @@ class Sandbox:
                 if run["stdout"].strip() != "42":
                     raise SandboxError(
                         f"the sandbox cannot run Python ({self._python}): exit {run['exit']}, "
-                        f"stderr {run['stderr'][-500:]!r}; set code.sandbox.python to an "
+                        f"stderr {run['stderr'][-500:]!r}; set code.python to an "
                         "interpreter the sandbox uids can read")
                 self._isolation = res["isolation"]
             return dict(self._isolation)

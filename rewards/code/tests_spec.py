@@ -12,6 +12,8 @@ Two forms (a dict, or its JSON text):
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import json
 from dataclasses import dataclass
 
@@ -74,3 +76,28 @@ def parse_tests(ground_truth) -> StdioTests | AssertTests:
                            _string(gt.get("prefix", ""), "ground_truth.prefix"))
     raise ValueError("ground_truth needs 'tests' (stdin/stdout) or 'assert' (with "
                      "'entry_point')")
+
+
+def free_names(sources: list[str], entry_point: str) -> list[str]:
+    """Names the test code reads but never binds (and that are not builtins), plus the
+    entry point: the checker asks the program for exactly these. Builtins are excluded so
+    a program cannot shadow `len` or `abs` inside the tests."""
+    loads, bound = set(), set()
+    for source in sources:
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue  # the checker reports the syntax error as that test's failure
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name):
+                (loads if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                bound.add(node.name)
+            elif isinstance(node, ast.arg):
+                bound.add(node.arg)
+            elif isinstance(node, ast.alias):
+                bound.add((node.asname or node.name).split(".")[0])
+            elif isinstance(node, ast.ExceptHandler) and node.name:
+                bound.add(node.name)
+    names = (loads - bound - set(dir(builtins))) | {entry_point}
+    return sorted(n for n in names if not n.startswith("__"))

@@ -81,8 +81,7 @@ _libc.syscall.restype = ctypes.c_long
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    import platform
-    nr = _SYS_PIVOT_ROOT[platform.machine()]
+    nr = _SYS_PIVOT_ROOT[os.uname().machine]
     ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_char_p(new_root.encode()),
                         ctypes.c_char_p(put_old.encode()))
     _check(int(ret), "pivot_root")

@@ -1,6 +1,7 @@
 """The jail: isolates, runs and watches one sandboxed program, then reports.
 
-Started by rewards.code.sandbox as `python -I -S -B rewards/code/jail CONFIG-ON-STDIN`,
+Started by rewards.code.sandbox as `python -I -S -B rewards/code/jail`, the config
+marshalled on stdin (marshal, not json: both ends are ours, and it imports nothing),
 as root where the host allows (these machines) so it can make namespaces and drop to the
 sandbox uids. It
 
@@ -10,17 +11,16 @@ sandbox uids. It
    filesystem (rootfs.py), writes the program and harness files, and runs the tests:
    `stdio` runs the program once per test feeding stdin; `assert` runs the program server
    (uid A) and the checker (uid B) wired by pipes;
-3. kills every sandboxed process after each run and writes one JSON result to stdout, a
-   pipe only the scorer holds.
+3. kills every sandboxed process after each run and writes one marshalled result to
+   stdout, a pipe only the scorer holds.
 
 Pass/fail never comes from the program's exit status: stdio outputs are compared by the
 scorer, and assert verdicts come from the checker's private report pipe.
 """
 from __future__ import annotations
 
-import json
+import marshal
 import os
-import signal
 import sys
 import time
 
@@ -109,6 +109,7 @@ class Init:
             top = "/tmp"
         else:
             top = base
+            os.chmod(base, 0o711)  # the sandbox uids may enter their own subdirectory only
         self.dir_u = _make_dir(os.path.join(top, "u"), self.uid_u)
         self.dir_t = _make_dir(os.path.join(top, "t"), self.uid_t)
         _write(os.path.join(self.dir_u, "solution.py"), self.cfg["program"], self.uid_u)
@@ -126,11 +127,10 @@ class Init:
         argv = [self.python, "-I", "-S", "-B", "solution.py"]
         for test in self.cfg["tests"]:
             start = time.monotonic()
-            proc = self._spawn(argv, cwd=self.dir_u, uid=self.uid_u, stdin=-1)
-            out = supervise.Stream(proc.stdout.fileno(), self.limits.stdout_bytes)
-            err = supervise.Stream(proc.stderr.fileno(), self.limits.stderr_bytes)
-            stdin_fd = os.dup(proc.stdin.fileno())
-            proc.stdin.close()
+            proc = self._spawn(argv, cwd=self.dir_u, uid=self.uid_u, stdin_pipe=True)
+            out = supervise.Stream(proc.stdout, self.limits.stdout_bytes)
+            err = supervise.Stream(proc.stderr, self.limits.stderr_bytes)
+            stdin_fd, proc.stdin = proc.stdin, None
             timed_out = supervise.pump(streams=[out, err], watched=[proc],
                                        deadline=start + self.limits.timeout_s,
                                        stdin_fd=stdin_fd,
@@ -138,8 +138,7 @@ class Init:
             status = proc.poll()
             clean = self._cleanup()
             supervise.drain([out, err])
-            proc.stdout.close()
-            proc.stderr.close()
+            proc.close()
             results.append({
                 "exit": status if status is not None and status >= 0 else None,
                 "signal": -status if status is not None and status < 0 else None,
@@ -155,7 +154,12 @@ class Init:
             _write(os.path.join(self.dir_u, name), self.harness[name], None)
         for name in (HARNESS_FILES[0], HARNESS_FILES[2]):
             _write(os.path.join(self.dir_t, name), self.harness[name], None)
-        _write(os.path.join(self.dir_t, "tests.json"), json.dumps(check), self.uid_t, 0o600)
+        path = os.path.join(self.dir_t, "tests.marshal")
+        with open(path, "wb") as f:
+            marshal.dump(check, f)
+        os.chmod(path, 0o600)
+        if self.uid_t is not None:
+            os.chown(path, self.uid_t, self.uid_t)
         req_r, req_w = os.pipe()
         rep_r, rep_w = os.pipe()
         rpt_r, rpt_w = os.pipe()
@@ -171,23 +175,18 @@ class Init:
         report = supervise.Stream(rpt_r, 1 << 20)
         streams = [report]
         for proc, cap in ((server, self.limits.stdout_bytes), (checker, 1 << 16)):
-            streams.append(supervise.Stream(proc.stdout.fileno(), cap))
-            streams.append(supervise.Stream(proc.stderr.fileno(), self.limits.stderr_bytes))
+            streams.append(supervise.Stream(proc.stdout, cap))
+            streams.append(supervise.Stream(proc.stderr, self.limits.stderr_bytes))
         timed_out = supervise.pump(streams=streams, watched=[checker],
                                    deadline=start + self.limits.timeout_s,
                                    stop_on_overflow=False)
         clean = self._cleanup()
         supervise.drain(streams)
         for proc in (server, checker):
-            proc.stdout.close()
-            proc.stderr.close()
+            proc.close()
         os.close(rpt_r)
-        lines = []
-        for raw in bytes(report.data).splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except ValueError:
-                break
+        lines = [_unescape(raw.decode("utf-8", "replace")).split(" ", 2)
+                 for raw in bytes(report.data).splitlines()]
         return {"report": lines, "timed_out": timed_out, "clean": clean,
                 "wall_s": round(time.monotonic() - start, 4),
                 "server_stderr": streams[2].data.decode("utf-8", "replace")[-2000:],
@@ -203,22 +202,34 @@ class Init:
         return result
 
 
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            out.append("\n" if text[i + 1] == "n" else text[i + 1])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def _kill_stale(uids: list[int]) -> None:
     """A previous scorer that died mid-run may have left processes under these uids."""
     if os.geteuid() == 0:
         for uid in uids:
-            supervise._kill_uid(uid)
+            supervise.kill_uid(uid)
 
 
 def _emit(result: dict) -> None:
-    data = json.dumps(result).encode()
+    data = marshal.dumps(result)
     view = memoryview(data)
     while view:
         view = view[os.write(1, view):]
 
 
 def main() -> int:
-    cfg = json.loads(sys.stdin.buffer.read())
+    cfg = marshal.loads(sys.stdin.buffer.read())
     os.close(0)
     os.open(os.devnull, os.O_RDONLY)
     iso = Isolation()
@@ -234,7 +245,7 @@ def main() -> int:
         if pid:
             _, status = os.waitpid(pid, 0)
             return os.waitstatus_to_exitcode(status) if status else 0
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        linux.prctl(linux.PR_SET_PDEATHSIG, supervise.SIGKILL)
     else:
         linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import platform
+import os
 import struct
 
 from . import linux
@@ -35,12 +35,12 @@ _ARCH = {
 
 
 def supported() -> bool:
-    return platform.machine() in _ARCH
+    return os.uname().machine in _ARCH
 
 
 def build_filter(machine: str | None = None) -> bytes:
     """The filter program as packed `struct sock_filter` records."""
-    arch, nr_socket, denied, has_x32 = _ARCH[machine or platform.machine()]
+    arch, nr_socket, denied, has_x32 = _ARCH[machine or os.uname().machine]
     eperm = _RET_ERRNO | errno.EPERM
     prog: list[tuple[int, int, int, int]] = [
         (_LD_W_ABS, 0, 0, 4),            # A = seccomp_data.arch
