@@ -1,0 +1,119 @@
+"""Contract 2, stated as a chain of bit-equal tests (STYLE.md §11):
+
+  op level:    lightning / softmax attention, full forward == prefill + decode at any split,
+               several chunk sizes, paged KV with non-contiguous (shuffled) blocks;
+  model level: trainer forward == reference decoder (prefill + token-by-token decode, and
+               chunked prefill) for mixed-length batches crossing chunk boundaries;
+  therefore    the rollout's reported logprob == the trainer's logprob (contract 4).
+"""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from bits import assert_bits_equal
+from rl import kernels as K
+from rl.kernels import BatchMeta
+
+
+def _run_split(fn_call, total, splits):
+    """Feed a sequence of `total` tokens in pieces of the given sizes; concat outputs."""
+    outs, pos = [], 0
+    for n in splits:
+        n = min(n, total - pos)
+        if n <= 0:
+            break
+        outs.append(fn_call(pos, n))
+        pos += n
+    if pos < total:
+        outs.append(fn_call(pos, total - pos))
+    return torch.cat(outs)
+
+
+def _lightning_split(q, k, v, ld, chunk, splits, slot=3):
+    h, d = q.shape[1], q.shape[2]
+    state = (torch.full((5, h, d, d), float("nan")), torch.full((5, h, chunk, 2 * d), float("nan")))
+
+    def call(pos, n):
+        batch = BatchMeta.from_lengths([n], [pos])
+        batch.state_indices = torch.tensor([slot])
+        return K.lightning_attention(q[pos:pos + n], k[pos:pos + n], v[pos:pos + n], ld, batch, state, chunk)
+    return _run_split(call, q.shape[0], splits)
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 64])
+@pytest.mark.parametrize("splits", [[1] * 200, [37, 1, 1, 5], [16, 16, 3, 29], [100]], ids=["decode", "37+decode", "mixed", "two"])
+def test_lightning_full_equals_split(chunk, splits):
+    t = 150
+    q, k, v = (torch.randn(t, 4, 32).bfloat16() for _ in range(3))
+    ld = -torch.rand(4) * 0.5
+    full = K.lightning_attention(q, k, v, ld, BatchMeta.from_lengths([t]), None, chunk)
+    assert_bits_equal(_lightning_split(q, k, v, ld, chunk, splits), full, f"lightning chunk={chunk}")
+
+
+def _attention_split(q, k, v, splits, block_size=16, seed=0):
+    num_blocks = -(-q.shape[0] // block_size) + 3
+    cache = torch.full((num_blocks + 4, k.shape[1], block_size, 2 * k.shape[2]), float("nan"), dtype=k.dtype)
+    table = torch.randperm(num_blocks + 4, generator=torch.Generator().manual_seed(seed))[None, :num_blocks]
+
+    def call(pos, n):
+        batch = BatchMeta.from_lengths([n], [pos])
+        batch.block_table = table
+        p = torch.arange(pos, pos + n)
+        batch.slot_mapping = table[0, p // block_size].long() * block_size + p % block_size
+        return K.softmax_attention(q[pos:pos + n], k[pos:pos + n], v[pos:pos + n], batch, cache)
+    return _run_split(call, q.shape[0], splits)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("splits", [[1] * 200, [37, 1, 1, 5], [64, 64, 3], [150]], ids=["decode", "37+decode", "blocks", "one"])
+def test_attention_full_equals_paged_split(block_size, splits):
+    t = 150
+    q = torch.randn(t, 4, 32).bfloat16()
+    k, v = torch.randn(t, 2, 32).bfloat16(), torch.randn(t, 2, 32).bfloat16()
+    full = K.softmax_attention(q, k, v, BatchMeta.from_lengths([t]))
+    assert_bits_equal(_attention_split(q, k, v, splits, block_size), full, f"attention bs={block_size}")
+
+
+@settings(max_examples=15, deadline=None)
+@given(total=st.integers(1, 90), chunk=st.sampled_from([4, 8, 16]),
+       splits=st.lists(st.integers(1, 40), min_size=1, max_size=8))
+def test_property_lightning_any_split(total, chunk, splits):
+    gen = torch.Generator().manual_seed(total)
+    q, k, v = (torch.randn(total, 2, 32, generator=gen).bfloat16() for _ in range(3))
+    ld = -torch.rand(2, generator=gen)
+    full = K.lightning_attention(q, k, v, ld, BatchMeta.from_lengths([total]), None, chunk)
+    assert_bits_equal(_lightning_split(q, k, v, ld, chunk, splits), full, "lightning property")
+
+
+@settings(max_examples=15, deadline=None)
+@given(total=st.integers(1, 90), splits=st.lists(st.integers(1, 40), min_size=1, max_size=8))
+def test_property_attention_any_split(total, splits):
+    gen = torch.Generator().manual_seed(total)
+    q = torch.randn(total, 4, 32, generator=gen).bfloat16()
+    k, v = (torch.randn(total, 2, 32, generator=gen).bfloat16() for _ in range(2))
+    full = K.softmax_attention(q, k, v, BatchMeta.from_lengths([total]))
+    assert_bits_equal(_attention_split(q, k, v, splits, 8, total), full, "attention property")
+
+
+def test_mixed_batch_prefill_and_decode_in_one_call():
+    """vLLM mixes decodes and prefills in one call: every row still equals the full forward."""
+    lengths = [40, 3, 70]
+    q, k, v = (torch.randn(sum(lengths), 4, 32).bfloat16() for _ in range(3))
+    ld = -torch.rand(4) * 0.3
+    full = K.lightning_attention(q, k, v, ld, BatchMeta.from_lengths(lengths), None, 16)
+    state = (torch.full((3, 4, 32, 32), float("nan")), torch.full((3, 4, 16, 64), float("nan")))
+    starts = [0, 40, 43]
+    done = [0, 0, 0]
+    out = torch.zeros_like(full)
+    schedule = [[20, 3, 1], [1, 0, 33], [19, 0, 36]]        # per step, new tokens per sequence
+    for step in schedule:
+        seqs = [i for i in range(3) if step[i] > 0]
+        rows = [torch.arange(starts[i] + done[i], starts[i] + done[i] + step[i]) for i in seqs]
+        batch = BatchMeta.from_lengths([step[i] for i in seqs], [done[i] for i in seqs])
+        batch.state_indices = torch.tensor([2 - i for i in seqs])
+        idx = torch.cat(rows)
+        out[idx] = K.lightning_attention(q[idx], k[idx], v[idx], ld, batch, state, 16)
+        for i in seqs:
+            done[i] += step[i]
+    assert done == lengths
+    assert_bits_equal(out, full, "mixed prefill/decode batch")
