@@ -439,3 +439,42 @@ def test_each_attack_would_win_unsandboxed(host, tmp_path, monkeypatch):
                              capture_output=True, text=True, timeout=30, cwd=tmp_path).stdout
         assert "WIN" in out, name
     host["tcp"].accept()[0].close()  # the connection we just made on purpose
+
+
+SYSTEM_PYTHON = "/usr/bin/python3.11"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON)
+                    or not os.path.exists("/usr/bin/setpriv"),
+                    reason="needs root to start the jail as an unprivileged user")
+def test_unprivileged_host_gets_a_user_namespace_sandbox(tmp_path):
+    """The jail started by a non-root user: namespaces inside a user namespace, uid 0 there
+    with no capabilities, no network, a private /tmp, and asserts still checked."""
+    import marshal
+    from rewards.code.sandbox import JAIL_DIR
+    base = tempfile.mkdtemp()
+    os.chown(base, 65534, 65534)
+    program = ("import os, socket\n"
+               "caps = open('/proc/self/status').read().split('CapEff:')[1].split()[0]\n"
+               "print(os.getuid(), caps, sorted(os.listdir('/tmp')))\n"
+               "try:\n    socket.create_connection(('1.1.1.1', 80), timeout=1)\n"
+               "    print('net')\nexcept OSError:\n    print('offline')\n")
+    cfg = {"mode": "stdio", "program": program, "tests": [{"stdin": ""}], "base_dir": base,
+           "uids": [UID_BASE, UID_BASE + 1], "isolation": "namespaces", "seccomp": True,
+           "python": SYSTEM_PYTHON, "ro_paths": [],
+           "limits": {"timeout_s": 5, "cpu_s": 6, "memory_mb": 1024, "file_size_mb": 16,
+                      "nproc": 64, "nofile": 64, "stdout_bytes": 1 << 20,
+                      "stderr_bytes": 1 << 14, "tmpfs_mb": 64}}
+    try:
+        proc = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534",
+                               "--clear-groups", SYSTEM_PYTHON, "-I", "-S", "-B", JAIL_DIR],
+                              input=marshal.dumps(cfg), capture_output=True, timeout=60)
+    finally:
+        subprocess.run(["rm", "-rf", base])
+    result = marshal.loads(proc.stdout)
+    if "error" in result and "isolation failed" in result["error"]:
+        pytest.skip(f"unprivileged user namespaces unavailable: {result['error']}")
+    assert result["isolation"] == {"namespaces": True, "user_ns": True, "uid_drop": False,
+                                   "seccomp": True, "network": "netns"}
+    assert result["tests"][0]["stdout"].split("\n")[:2] == ["0 0000000000000000 ['t', 'u']",
+                                                             "offline"]

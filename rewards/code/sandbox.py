@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import compileall
 import fcntl
+import logging
 import marshal
 import math
 import os
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rewards.code.tests_spec import free_names
 
+log = logging.getLogger(__name__)
 JAIL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jail")
 SYSTEM_PREFIXES = ("/usr", "/bin", "/lib", "/lib64", "/sbin")
 
@@ -249,6 +251,10 @@ class Sandbox:
                         f"stderr {run['stderr'][-500:]!r}; set code.python to an "
                         "interpreter the sandbox uids can read")
                 self._isolation = res["isolation"]
+                if not self._isolation["namespaces"] or not (
+                        self._isolation["uid_drop"] or self._isolation["user_ns"]):
+                    log.warning("code sandbox runs with reduced isolation %s (see "
+                                "rewards/README.md)", self._isolation)
             return dict(self._isolation)
 
 
