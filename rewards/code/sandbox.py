@@ -175,12 +175,15 @@ class Sandbox:
                                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
         try:
             out, err = proc.communicate(marshal.dumps(cfg), timeout=outer_timeout_s)
-        except subprocess.TimeoutExpired:
+        except BaseException as exc:
+            # The jail is not reaped yet, so its process group id is still ours to kill; its
+            # init and programs die with it (parent-death signals, PID namespace).
             _kill_group(proc.pid)
-            out, err = proc.communicate()
-            raise SandboxError(f"jail did not finish within {outer_timeout_s:.1f}s") from None
-        finally:
-            _kill_group(proc.pid)  # nothing of this run may outlive it
+            proc.communicate()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise SandboxError(f"jail did not finish within {outer_timeout_s:.1f}s") \
+                    from None
+            raise
         try:
             result = marshal.loads(out)
             if not isinstance(result, dict):
