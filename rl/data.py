@@ -142,20 +142,50 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
 
 
-def _sample(n: int, seed: int, split: str, unique: bool, draw) -> Iterator[dict]:
-    """Draw problems with rng until n of the requested split (distinct when `unique`)."""
+ENUMERATE_LIMIT = 200_000  # universes up to this size are listed, larger ones sampled
+
+
+def _sample(n: int, seed: int, split: str, unique: bool, draw, make,
+            universe: list[tuple] | None) -> Iterator[dict]:
+    """`n` problems of `split`, deterministic in (seed, split).
+
+    `universe` lists every problem as arguments of `make(*args) -> (key, row)`; `draw(rng)`
+    returns such arguments at random. With the universe listed (small settings) the split's
+    problems are shuffled and
+    dealt: all distinct first when `unique`, then again in a new order when n exceeds them
+    (a warning says so), or drawn independently when not `unique`. Otherwise problems are
+    drawn with rng and rejected when in the other split (or already dealt, when `unique`).
+    """
     _check_split(split)
     if n < 0:
         raise ValueError("n must be >= 0")
     rng = random.Random(f"{seed}:{split}")
+    if universe is not None:
+        pool = [args for args in universe if split_of(make(*args)[0]) == split]
+        if not pool:
+            raise ValueError(f"no {split} problems exist with these settings")
+        if not unique:
+            for _ in range(n):
+                yield make(*rng.choice(pool))[1]
+            return
+        if n > len(pool):
+            log.warning("only %d distinct %s problems exist with these settings; %d asked, "
+                        "so they repeat", len(pool), split, n)
+        made = 0
+        while made < n:
+            for args in rng.sample(pool, len(pool)):
+                if made == n:
+                    return
+                made += 1
+                yield make(*args)[1]
+        return
     seen: set[str] = set()
     made = attempts = 0
     while made < n:
         attempts += 1
         if attempts > 200 * n + 10_000:
-            raise ValueError(f"only {len(seen)} distinct {split} problems exist with these "
-                             f"settings; ask for fewer or allow repeats (unique=False)")
-        key, row = draw(rng)
+            raise ValueError(f"could not find {n} distinct {split} problems")
+        key, row = make(*draw(rng))
         if split_of(key) != split or (unique and key in seen):
             continue
         seen.add(key)
@@ -168,7 +198,8 @@ def arithmetic_tasks(n: int, seed: int = 0, *, digits: int = 2, ops: str = "+-*"
     """`n` problems like {"prompt": "12+7=", "answer": "19", ...}, operands < 10**digits.
 
     `ops` is any subset of "+-*". Results may be negative ("3-7=" -> "-4"). The test split
-    holds distinct problems by default (unique=True); train may repeat.
+    deals distinct problems by default (unique=True) and repeats only once all are used
+    (1 digit with "+-" has about 20); train draws independently.
     """
     if digits < 1 or not ops or set(ops) - set("+-*"):
         raise ValueError("arithmetic_tasks: digits >= 1 and ops a non-empty subset of '+-*'")
@@ -176,13 +207,20 @@ def arithmetic_tasks(n: int, seed: int = 0, *, digits: int = 2, ops: str = "+-*"
     ops_list = sorted(set(ops))
     high = 10 ** digits - 1
 
-    def draw(rng: random.Random) -> tuple[str, dict]:
-        a, op, b = rng.randint(0, high), rng.choice(ops_list), rng.randint(0, high)
+    def make(a: int, op: str, b: int) -> tuple[str, dict]:
         value = a + b if op == "+" else a - b if op == "-" else a * b
         prompt = f"{a}{op}{b}="
         return prompt, {"prompt": prompt, "answer": str(value), "ground_truth": str(value),
                         "data_source": ARITH_SOURCE, "extra_info": {"split": split}}
-    return _sample(n, seed, split, unique, draw)
+
+    def draw(rng: random.Random) -> tuple:
+        return rng.randint(0, high), rng.choice(ops_list), rng.randint(0, high)
+
+    universe = None
+    if (high + 1) ** 2 * len(ops_list) <= ENUMERATE_LIMIT:
+        universe = [(a, op, b) for op in ops_list for a in range(high + 1)
+                    for b in range(high + 1)]
+    return _sample(n, seed, split, unique, draw, make, universe)
 
 
 # (template with {k} and {m}, python expression) — one-line functions of x
@@ -208,16 +246,20 @@ def code_tasks(n: int, seed: int = 0, *, split: str = "train",
     """
     unique = (split == "test") if unique is None else unique
 
-    def draw(rng: random.Random) -> tuple[str, dict]:
-        template, fn = rng.choice(_CODE_FAMILIES)
-        # k >= 2 where it multiplies, so x*1+3 never duplicates x+3 across the splits
-        k, m = rng.randint(2 if "*{k}" in template else 1, 9), rng.randint(1, 9)
+    def make(template: str, fn, k: int, m: int) -> tuple[str, dict]:
         expr = template.format(k=k, m=m)
         shown = " ".join(f"f({x})={fn(x, k, m)}" for x in _SHOWN_XS)
         header = "def f(x):\n    return "
-        prompt = f"# {shown}\n{header}"
         tests = [f"assert f({x}) == {fn(x, k, m)}" for x in _TEST_XS]
-        return expr, {"prompt": prompt, "answer": expr, "data_source": CODE_SOURCE,
+        return expr, {"prompt": f"# {shown}\n{header}", "answer": expr,
+                      "data_source": CODE_SOURCE,
                       "ground_truth": {"assert": tests, "entry_point": "f", "prefix": header},
                       "extra_info": {"split": split}}
-    return _sample(n, seed, split, unique, draw)
+
+    universe = []
+    for template, fn in _CODE_FAMILIES:
+        # k >= 2 where it multiplies, so x*1+3 never duplicates x+3 across the splits
+        for k in range(2 if "*{k}" in template else 1, 10):
+            for m in range(1, 10) if "{m}" in template else [0]:
+                universe.append((template, fn, k, m))
+    return _sample(n, seed, split, unique, None, make, universe)

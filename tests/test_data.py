@@ -74,6 +74,9 @@ def test_real_datasets_load_cleanly():
 
 
 def test_arithmetic_tasks_are_deterministic_and_correct():
+    big = list(arithmetic_tasks(50, seed=7, digits=4))  # sampled, not enumerated
+    assert big == list(arithmetic_tasks(50, seed=7, digits=4))
+    assert all(t["answer"] == str(eval(t["prompt"][:-1])) for t in big)
     a = list(arithmetic_tasks(200, seed=7))
     assert a == list(arithmetic_tasks(200, seed=7))
     assert a != list(arithmetic_tasks(200, seed=8))
@@ -101,8 +104,13 @@ def test_arithmetic_splits_never_overlap():
     assert len(set(test)) == len(test)  # held-out problems are distinct
     assert not train & set(test)
     assert all(split_of(p) == "test" for p in test)
-    with pytest.raises(ValueError, match="distinct test problems"):
-        list(arithmetic_tasks(1000, seed=0, digits=1, ops="+", split="test"))
+    small = [t["prompt"] for t in arithmetic_tasks(300, seed=0, digits=1, ops="+-",
+                                                    split="test")]
+    distinct = len(set(small))
+    assert 5 < distinct < 60  # ~10% of the 200 one-digit problems
+    assert len(set(small[:distinct])) == distinct  # all distinct before any repeats
+    assert not set(small) & {t["prompt"] for t in arithmetic_tasks(5000, seed=1, digits=1,
+                                                                       ops="+-")}
     with pytest.raises(ValueError, match="split"):
         list(arithmetic_tasks(1, split="valid"))
     with pytest.raises(ValueError, match="ops"):
