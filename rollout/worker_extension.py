@@ -1,0 +1,29 @@
+"""Methods mixed into vLLM's worker (`worker_extension_cls`), called by name through
+`LLM.collective_rpc`: small control messages between RolloutWorker and the engine process.
+"""
+from __future__ import annotations
+
+
+class LockstepWorkerExtension:
+    def _lockstep_model(self):
+        return self.model_runner.get_model()
+
+    def lockstep_state(self) -> dict:
+        """What the engine process runs: weight version, logprob temperature, kernel mode."""
+        from rl import kernels as K
+        model = self._lockstep_model()
+        return {"weight_version": model.weight_version, "temperature": model.temperature,
+                "kernels": K.get_kernels()}
+
+    def lockstep_set_temperature(self, temperature: float) -> None:
+        """Temperature of the logprobs `compute_logits` returns (and so of sampling)."""
+        self._lockstep_model().temperature = float(temperature)
+
+    def lockstep_reseed(self, seed: int) -> None:
+        """Seed the sampler's generator (requests carry no per-request generator)."""
+        import torch
+        torch.manual_seed(seed)
+
+    def lockstep_inject_fault(self, message: str) -> None:
+        """Test hook: the next forward raises RuntimeError(message), killing the engine."""
+        self._lockstep_model().fault = message
