@@ -86,6 +86,11 @@ def test_wrong_numbers_score_zero(math_reward, pred):
     assert score(math_reward, f"\\boxed{{{pred}}}", "18") == 0.0
 
 
+def test_percent_is_a_unit_not_a_scale(math_reward):
+    assert score(math_reward, "\\boxed{18\\%}", "0.18") == 0.0
+    assert score(math_reward, "\\boxed{18\\%}", "18\\%") == 1.0
+
+
 @pytest.mark.parametrize("gold, pred, want", [
     ("0.5", "\\frac{1}{2}", 1.0),
     ("\\frac{1}{2}", "1/2", 1.0),

@@ -193,6 +193,10 @@ class Sandbox:
                                f"{err.decode(errors='replace')[-2000:]}") from None
         if "error" in result:
             raise SandboxError(result["error"])
+        runs = result.get("tests") or [result.get("check") or {}]
+        if not all(run.get("clean", True) for run in runs):
+            log.warning("code sandbox: some processes of a run could not be killed within 5 s "
+                        "(isolation %s)", result.get("isolation"))
         return result
 
     def run_stdio(self, program: str, stdins: list[str]) -> list[RunResult]:
