@@ -31,8 +31,8 @@ class ModelSection(Strict):
 class DataSection(Strict):
     task: Literal["arith", "code", "gsm8k", "jsonl"] = Field("arith", description="prompt source")
     path: str | None = Field(None, description="JSONL file for gsm8k/jsonl tasks")
-    digits: int = Field(1, ge=1, le=6, description="arith: operand digits")
-    ops: str = Field("+-", description="arith: operators, a subset of '+-*'")
+    digits: int = Field(2, ge=1, le=6, description="arith: operand digits")
+    ops: str = Field("+", description="arith: operators, a subset of '+-*'")
     eval_size: int = Field(200, ge=0, description="held-out problems for evaluation")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at start and end)")
 

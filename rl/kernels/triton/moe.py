@@ -228,6 +228,10 @@ def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
         or any(w.requires_grad for ws in (gate_w, up_w, down_w) for w in (ws if not isinstance(ws, torch.Tensor) else [ws])))
     if not grad:
         return _experts_fast(x, topk_ids, topk_weights, gate_w, up_w, down_w)
+    from rl.kernels.stock import grouped_mm_experts
+    if all(isinstance(ws, torch.Tensor) for ws in (gate_w, up_w, down_w)):
+        return with_reference_grad(_experts_fast, grouped_mm_experts,
+                                   (x, topk_ids, topk_weights, gate_w, up_w, down_w))
     lists = [list(ws) if not isinstance(ws, torch.Tensor) else list(ws.unbind(0)) for ws in (gate_w, up_w, down_w)]
     n_g = len(lists[0])
 
@@ -237,7 +241,6 @@ def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
 
     def ref(x_, ids_, w_, *rest):
         ts = rest[:-1]
-        from rl.kernels.stock import grouped_mm_experts
         return grouped_mm_experts(x_, ids_, w_, list(ts[:n_g]), list(ts[n_g:2 * n_g]), list(ts[2 * n_g:]))
 
     tensors = (x, topk_ids, topk_weights, *lists[0], *lists[1], *lists[2])
