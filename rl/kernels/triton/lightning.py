@@ -39,15 +39,19 @@ NUM_WARPS = 8
 @triton.jit
 def _mm_f32a(a, b, acc, MODE: tl.constexpr, PARTS: tl.constexpr):
     if MODE == 3:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return split_dot_a(a, b, acc, PARTS)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = split_dot_a(a, b, acc, PARTS)
+    return acc
 
 
 @triton.jit
 def _mm_f32b(a, b, acc, MODE: tl.constexpr, PARTS: tl.constexpr):
     if MODE == 3:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return split_dot_b(a, b, acc, PARTS)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = split_dot_b(a, b, acc, PARTS)
+    return acc
 
 
 @triton.jit

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The one command sent to the lent GPU machine (device tool `run`, carry [".whl"]):
+#   bash bench/gpu_run.sh [tests|mismatch|bench|all] [bench --only list]
+# Installs the carried fla-core / liger-kernel wheels, then runs the GPU contract tests,
+# `lockstep mismatch` on the GPU and the kernel benchmark; logs and JSON go to $OUT.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/lockstep-gpu-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+STAGE=${1:-all}
+ONLY=${2:-}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/gpu.txt" 2>&1
+status=0
+if [[ $STAGE == all || $STAGE == tests ]]; then
+  python3 -m pytest tests/gpu -q -p no:cacheprovider --durations=15 -rf 2>&1 | tee "$OUT/pytest.log" || status=1
+fi
+if [[ $STAGE == all || $STAGE == mismatch ]]; then
+  python3 tests/gpu/mismatch_gpu.py --out "$OUT/mismatch_gpu.json" 2>&1 | tee "$OUT/mismatch.log" || status=1
+fi
+if [[ $STAGE == all || $STAGE == bench ]]; then
+  python3 bench/kernels_gpu.py --out "$OUT/kernels_gpu_h200.json" ${ONLY:+--only $ONLY} 2>&1 | tee "$OUT/bench.log" || status=1
+fi
+exit $status

@@ -1,0 +1,75 @@
+"""`lockstep mismatch --backend reference` on the GPU, for the `small` config and the
+Ring-mini-linear-2.0 layer-group slice, with lockstep and with stock kernels.
+
+    python tests/gpu/mismatch_gpu.py --out mismatch_gpu.json
+
+Runs `alignment.mismatch.run_mismatch` (the function behind the CLI) with two adaptations for
+a CUDA device, applied here rather than in the CLI: the model is built on the GPU (the CLI's
+loader builds on the CPU), and the reference decoder's sampler draws on the CPU from the
+GPU row (its per-request generators are CPU generators). Expected: lockstep reads 0.0 with
+every token bit-equal; stock reads non-zero and names the first divergent component.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+
+import alignment.mismatch as mismatch  # noqa: E402
+import rollout.reference as reference  # noqa: E402
+from rl import kernels as K  # noqa: E402
+from test_model_gpu import build_model, model_config_path  # noqa: E402
+
+
+def _sample_on_cpu(logprobs_row, generator):
+    return int(torch.multinomial(logprobs_row.float().exp().cpu(), 1, generator=generator))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="mismatch_gpu.json")
+    args = ap.parse_args()
+    mismatch.load_model = lambda path: build_model(Path(path))
+    reference.sample = _sample_on_cpu
+    tmp = Path(tempfile.mkdtemp())
+    runs = [("small", 16, 32), ("ring-mini-linear-2.0:slice", 6, 12)]
+    results, failed = [], False
+    for name, prompts, new_tokens in runs:
+        path = model_config_path(name, tmp)
+        for kernels in ("lockstep", "stock"):
+            t0 = time.time()
+            try:
+                res = mismatch.run_mismatch(str(path), "reference", prompts, new_tokens, 1, 1.0, 0, kernels, 3)
+                res["config"] = name
+                res["seconds"] = time.time() - t0
+                ok = (res["max_abs_logprob_diff"] == 0.0 and res["frac_bitwise_equal"] == 1.0) if kernels == "lockstep" \
+                    else (res["max_abs_logprob_diff"] > 0.0 and res["first_divergent"] is not None)
+                res["expected"] = "pass" if ok else "FAIL"
+                failed |= not ok
+            except Exception as err:
+                traceback.print_exc()
+                res = {"config": name, "kernels": kernels, "error": repr(err)[:1000], "expected": "FAIL"}
+                failed = True
+            finally:
+                K.set_kernels("lockstep")
+                torch.cuda.empty_cache()
+            results.append(res)
+            print(f"{name:28s} {kernels:8s} max|dlogp| {res.get('max_abs_logprob_diff')}  "
+                  f"bit-equal {res.get('frac_bitwise_equal')}  first {res.get('first_divergent')}  "
+                  f"-> {res['expected']}", flush=True)
+    Path(args.out).write_text(json.dumps({"command": "python tests/gpu/mismatch_gpu.py " + " ".join(sys.argv[1:]),
+                                          "device": torch.cuda.get_device_name(), "results": results}, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
