@@ -30,12 +30,17 @@ def bmm_fixed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def matmul_rows(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w_t [K, N], both fp32, rows tiled to TILE_M; batch-invariant in M."""
+    """x [M, K] (any float dtype) @ w_t [K, N] fp32, rows tiled to TILE_M, in fp32;
+    batch-invariant in M."""
     m, k = x.shape
     n_tiles = max(1, -(-m // TILE_M))
-    x = F.pad(x, (0, 0, 0, n_tiles * TILE_M - m)).view(n_tiles, TILE_M, k)
-    out = bmm_fixed(x, w_t.unsqueeze(0).expand(n_tiles, -1, -1))
-    return out.reshape(n_tiles * TILE_M, -1)[:m]
+    if x.requires_grad:
+        xp = F.pad(x.float(), (0, 0, 0, n_tiles * TILE_M - m))
+    else:                       # one copy: widen into the padded buffer
+        xp = x.new_zeros((n_tiles * TILE_M, k), dtype=torch.float32)
+        xp[:m] = x
+    out = bmm_fixed(xp.view(n_tiles, TILE_M, k), w_t.unsqueeze(0).expand(n_tiles, -1, -1))
+    return out.view(n_tiles * TILE_M, -1)[:m]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -45,5 +50,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     count (1 or 2 threads, tested). Output dtype: `out_dtype` or x.dtype.
     """
     lead = x.shape[:-1]
-    y = matmul_rows(x.reshape(-1, x.shape[-1]).float(), weight.float().t())
+    y = matmul_rows(x.reshape(-1, x.shape[-1]), weight.float().t())
     return y.reshape(*lead, weight.shape[0]).to(out_dtype or x.dtype)
