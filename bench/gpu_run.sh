@@ -19,7 +19,7 @@ ONLY=${2:-}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/gpu.txt" 2>&1
 status=0
 if [[ $STAGE == all || $STAGE == tests ]]; then
-  python3 -m pytest tests/gpu -q -p no:cacheprovider --durations=15 -rf 2>&1 | tee "$OUT/pytest.log" || status=1
+  python3 -m pytest tests/gpu -q -p no:cacheprovider --durations=15 -rf --timeout=300 2>&1 | tee "$OUT/pytest.log" || status=1
 fi
 if [[ $STAGE == all || $STAGE == mismatch ]]; then
   python3 tests/gpu/mismatch_gpu.py --out "$OUT/mismatch_gpu.json" 2>&1 | tee "$OUT/mismatch.log" || status=1

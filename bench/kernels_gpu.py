@@ -33,6 +33,14 @@ from rl.kernels import BatchMeta, stock  # noqa: E402
 DEV = "cuda"
 BF16 = torch.bfloat16
 RESULTS: list[dict] = []
+META: dict = {}
+
+
+def flush() -> None:
+    """Rewrite the JSON after every entry, so a run cut short still reports what it measured."""
+    if META.get("out"):
+        body = {k: v for k, v in META.items() if k != "out"}
+        Path(META["out"]).write_text(json.dumps({**body, "seconds": time.time() - META["t0"], "results": RESULTS}, indent=1))
 
 
 def bench_ms(fn, rep=200):
@@ -50,6 +58,7 @@ def record(name, check, ours, base, target, baseline_name, note="", **extra):
     if not ok:
         entry["refused"] = True
         RESULTS.append(entry)
+        flush()
         print(f"{name:55s} REFUSED ({detail})", flush=True)
         return entry
     try:
@@ -68,6 +77,7 @@ def record(name, check, ours, base, target, baseline_name, note="", **extra):
     if note:
         entry["note"] = note
     RESULTS.append(entry)
+    flush()
     r = f"{entry.get('ratio', float('nan')):.3f}"
     print(f"{name:55s} ours {t_ours:9.4f} ms  base {t_base or float('nan'):9.4f} ms  ratio {r} (target {target})", flush=True)
     return entry
@@ -188,9 +198,7 @@ def bench_softmax_attention():
     kden, vden = kv_dense[..., :d].contiguous(), kv_dense[..., d:].contiguous()
     q4d = qd[:, :, None, :]
 
-    def best_torch():
-        return F.scaled_dot_product_attention(q4d, kden, vden, enable_gqa=True)
-    names = {}
+    names, fns = {}, {}
     for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
         def f(be=be):
             with sdpa_kernel(be):
@@ -198,15 +206,11 @@ def bench_softmax_attention():
         try:
             f()
             names[str(be)] = bench_ms(f)
+            fns[str(be)] = f
         except Exception:
             continue
     best_name = min(names, key=names.get) if names else "none"
-    best_fn = None
-    for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
-        if str(be) == best_name:
-            def best_fn(be=be):
-                with sdpa_kernel(be):
-                    return F.scaled_dot_product_attention(q4d, kden, vden, enable_gqa=True)
+    best_fn = fns.get(best_name)
 
     def check_decode():
         # a decode row equals the same row computed inside a prefill of the same keys
@@ -431,7 +435,7 @@ def bench_slice():
         record("slice decode step B64 ctx 1024", lambda: (True, ""),
                lambda: run("lockstep", lambda: model.forward_tokens(tok2, d2, caches2.layers)),
                lambda: run("stock", lambda: model.forward_tokens(tok2, d2, caches2.layers)), 1.15, "stock kernels")
-    del caches, caches2
+    caches = caches2 = None
     torch.cuda.empty_cache()
     # training forward + backward (sequence logprobs, sum, backward)
     model.train()
@@ -458,7 +462,10 @@ def main():
              "rmsnorm": bench_rmsnorm, "attn": bench_softmax_attention, "lightning": bench_lightning,
              "moe": bench_moe, "slice": bench_slice}
     chosen = [p for p in parts if not args.only or p in args.only.split(",")]
-    t0 = time.time()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    META.update(out=args.out, t0=time.time(), command="python bench/kernels_gpu.py " + " ".join(sys.argv[1:]),
+                device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version())
     for p in chosen:
         try:
             parts[p]()
@@ -466,13 +473,7 @@ def main():
             traceback.print_exc()
             RESULTS.append({"name": p, "error": repr(err)[:500]})
         torch.cuda.empty_cache()
-    out = {
-        "command": "python bench/kernels_gpu.py " + " ".join(sys.argv[1:]),
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "python": platform.python_version(), "seconds": time.time() - t0, "results": RESULTS,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    flush()
     print(f"wrote {args.out}")
 
 

@@ -23,6 +23,8 @@ torch chunk-form reference; correct, not bit-identical.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -231,9 +233,10 @@ def _fla_reference(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
     return o[0]
 
 
+@functools.lru_cache(maxsize=None)
 def _has_fla() -> bool:
     try:
-        import fla.ops.simple_gla  # noqa: F401
+        from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
         return True
     except Exception:
         return False
