@@ -46,6 +46,9 @@ class TrainerConfig(BaseModel):
                                 "fraction of lr")
     bf16: bool = Field(True, description="bf16 parameters and compute with fp32 master weights, "
                        "fp32 gradient accumulation; false = fp32 everywhere")
+    grad_reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of the cross-rank gradient reduction under bf16 (fp32: 2x the "
+        "bytes, no bf16 rounding of the sum)")
     seed: int = Field(0, description="seeds torch/python/numpy on every rank and the value-head init")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads per rank; None "
                                     "leaves the process default (Ray actors: 1). Logprobs do not "

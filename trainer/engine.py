@@ -4,8 +4,9 @@ Role: `TrainerWorker` calls `init_distributed` once per process and `build_engin
 model; nothing else in the trainer touches DeepSpeed's configuration.
 
 Choices (why):
-- bf16 parameters with fp32 master weights and fp32 gradient accumulation
-  (`data_types.grad_accum_dtype`), so many micro-batches do not accumulate in bf16.
+- bf16 parameters with fp32 master weights, fp32 gradient accumulation
+  (`data_types.grad_accum_dtype`) and, by default, fp32 gradient all-reduce/reduce-scatter
+  (`communication_data_type`), so neither many micro-batches nor many ranks sum in bf16.
 - `managed_gradient_accumulation: false`: the trainer owns the accumulation boundary (one
   `engine.step()` per mini-batch), so the number of micro-batches may vary per call.
   Losses arrive already normalised by global (all-rank) denominators, so backward is called
@@ -64,6 +65,7 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int, trainable: bool) -> di
         })
         if cfg.bf16:
             config["data_types"] = {"grad_accum_dtype": "fp32"}
+            config["communication_data_type"] = cfg.grad_reduce_dtype
     return config
 
 

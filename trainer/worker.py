@@ -65,15 +65,25 @@ class TrainerWorker:
         dtype = torch.bfloat16 if self.cfg.bf16 else torch.float32
         if role == "critic":
             module = ValueModule.from_pretrained(model_path, dtype, self.cfg.value_head_std, self.cfg.seed)
-            self.objective: Objective | None = ValueObjective(self.algo)
         else:
             module = PolicyModule.from_pretrained(model_path, dtype)
-            self.objective = PolicyObjective(self.algo) if role == "actor" else None
+        self.objective: Objective | None = None
+        self.set_algo(self.algo)
         self.model_config = module.config
         self.shapes = {k: tuple(v.shape) for k, v in module.hf_state_dict().items()}
         self.engine = build_engine(module, self.cfg, world_size, trainable=self.objective is not None)
         self.module = self.engine.module
         self.steps = 0            # optimizer steps attempted (applied + skipped)
+
+    def set_algo(self, algo_cfg: AlgoConfig | dict) -> None:
+        """Switch the algorithm config for the next steps (the driver does this to recompute
+        pi_old with an IS correction when drift appears). Collective only in that every rank
+        must get the same config."""
+        self.algo = algo_cfg if isinstance(algo_cfg, AlgoConfig) else AlgoConfig.model_validate(algo_cfg)
+        if self.role == "actor":
+            self.objective = PolicyObjective(self.algo)
+        elif self.role == "critic":
+            self.objective = ValueObjective(self.algo)
 
     # -- forwards --------------------------------------------------------------------------
     def forward_logprobs(self, batch: dict) -> torch.Tensor:
