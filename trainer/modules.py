@@ -10,9 +10,9 @@ the hidden state at position t - 1, for 1 <= t < len_b; 0 elsewhere. So `respons
 selects the same tokens for both.
 
 ZeRO-3: parameters are gathered by hooks on the module whose `forward` uses them. The model
-reads the experts' and lm_head's weights directly (not through their own forward), so
-`prepare_zero3` makes each MoE block a ZeRO-3 leaf (gathered whole) and registers lm_head's
-weight with the wrapper.
+reads the experts' and lm_head's weights directly (not through their own forward), and so does
+the critic its value head, so `prepare_zero3` makes each MoE block a ZeRO-3 leaf (gathered
+whole) and registers lm_head's / the value head's weight with the wrapper.
 """
 from __future__ import annotations
 
@@ -57,9 +57,6 @@ class PolicyModule(nn.Module):
         from deepspeed.runtime.zero import register_external_parameter
         _zero3_leaf_moe(self)
         register_external_parameter(self, self.lm.lm_head.weight)
-
-    def hf_model(self) -> BailingMoeLinearV2ForCausalLM:
-        return self.lm
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """HF key names (the released checkpoints'), as the forward uses them."""
@@ -118,10 +115,9 @@ class ValueModule(nn.Module):
         return out.index_put(dst.nonzero(as_tuple=True), values)
 
     def prepare_zero3(self) -> None:
+        from deepspeed.runtime.zero import register_external_parameter
         _zero3_leaf_moe(self)
-
-    def hf_model(self) -> None:
-        return None
+        register_external_parameter(self, self.value_head.weight)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         return self.state_dict()

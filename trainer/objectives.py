@@ -1,16 +1,16 @@
 """What a training step minimises, one small class per kind: policy (PPO/GRPO via rl.algos),
 value (critic), SFT (response-token cross-entropy).
 
-Role: `TrainerWorker._optimize` owns the loop (mini-batches, micro-batches, backward, step);
-an objective turns one micro-batch into a loss. Every micro-batch loss is normalised by the
+Role: `TrainerWorker._optimize` owns the mini-batches and optimizer steps, `trainer.step.accumulate`
+the micro-batch forward/backward loop; an objective turns one micro-batch into a loss. Every micro-batch loss is normalised by the
 *global* denominator of its mini-batch (all ranks, all micro-batches: the token count for
 `token-mean`, the non-empty sequence count for the seq-mean modes), so that the sum of the
 micro-batch losses over ranks is exactly the mini-batch loss whatever the micro-batch size or
 the world size. The worker multiplies by the world size to undo DeepSpeed's gradient average.
 
-Metrics come back per micro-batch as detached 0-dim tensors; `reduce_metrics` says how to
-combine them (`SHARE_KEYS` are already shares of the mini-batch value: summed; `*_min`/`*_max`:
-min/max; everything else: mean weighted by the micro-batch's response tokens).
+Metrics come back per micro-batch as detached 0-dim tensors; `MetricAccumulator` combines them
+over micro-batches and ranks (`SHARE_KEYS` are already shares of the mini-batch value: summed;
+`*_min`/`*_max`: min/max; everything else: mean weighted by the micro-batch's response tokens).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rl.algos import AlgoConfig, compute_policy_loss, value_loss
 
-SHARE_KEYS = ("loss", "pg_loss", "kl", "entropy", "vf_loss", "skipped")
+SHARE_KEYS = ("loss", "pg_loss", "kl", "entropy", "vf_loss")
 
 
 @dataclass
@@ -161,7 +161,7 @@ class MetricAccumulator:
             for key, value in part.extrema.items():
                 pick = min if key.endswith("_min") else max
                 extrema[key] = pick(extrema.get(key, value), value)
-        out = {}
+        out = {"skipped_microbatches": 0.0}
         for key, value in sums.items():
             if key == "skipped":
                 out["skipped_microbatches"] = value

@@ -137,6 +137,8 @@ class TrainerWorker:
         bsz = num_rows(batch)
 
         def validate():
+            if bsz == 0:
+                raise ValueError("empty batch: no rows on this rank")
             check_training(batch, objective.required)
             if bsz % objective.num_minibatches:
                 raise ValueError(f"batch of {bsz} rows does not split into algo.num_minibatches="
@@ -270,18 +272,19 @@ class TrainerWorker:
 
     # -- collectives -------------------------------------------------------------------------
     def _agree(self, check) -> None:
-        """Run `check` (raises ValueError) on every rank; if any rank fails, all raise, so no
-        rank is left waiting in a collective."""
+        """Run `check` (raises ValueError) on every rank; if any rank fails, every rank raises
+        that rank's error, so none is left waiting in a collective."""
         error = None
         try:
             check()
         except ValueError as err:
             error = err
         if self.world_size > 1:
-            flag = torch.tensor([0.0 if error is None else 1.0])
-            dist.all_reduce(flag)
-            if error is None and flag.item() > 0:
-                raise ValueError("another rank rejected its part of the batch (see that rank's error)")
+            messages = [None] * self.world_size
+            dist.all_gather_object(messages, None if error is None else str(error))
+            failed = [(rank, msg) for rank, msg in enumerate(messages) if msg is not None]
+            if failed and error is None:
+                raise ValueError(f"rank {failed[0][0]}: {failed[0][1]}")
         if error is not None:
             raise error
 
