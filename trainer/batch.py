@@ -103,6 +103,11 @@ def take_rows(batch: dict, rows: slice | Tensor) -> dict:
             for k, v in batch.items()}
 
 
+def to_device(batch: dict, device) -> dict:
+    """Tensors moved to `device` (a no-op on CPU); scalars unchanged."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
 def row_chunks(num: int, size: int) -> list[slice]:
     """Contiguous slices of at most `size` rows covering range(num)."""
     return [slice(lo, min(lo + size, num)) for lo in range(0, num, size)]

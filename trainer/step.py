@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from trainer.batch import dummy_rows, num_rows, row_chunks, take_rows
+from trainer.batch import dummy_rows, num_rows, row_chunks, take_rows, to_device
 from trainer.objectives import MetricAccumulator, Objective
 
 
@@ -29,13 +29,14 @@ class PlainEngine:
 def accumulate(engine, objective: Objective, mini: dict, num_tokens: float, num_seqs: float,
                micro_batch_size: int, metrics: MetricAccumulator, pre: torch.Tensor | None = None,
                world_size: int = 1, max_over_ranks: Callable[[int], int] = lambda n: n,
-               rank: int = 0) -> str | None:
+               rank: int = 0, device="cpu") -> str | None:
     """Forward/backward every micro-batch of `mini`, accumulating gradients in `engine`.
 
     `num_tokens`/`num_seqs` are the mini-batch's global (all-rank) denominators. Every rank runs
     `max_over_ranks(own count)` micro-batches (padding with a 2-token dummy row), because
     ZeRO-2/3 backward and ZeRO-3 forward are collectives. `pre` [b, T], if given, receives the
-    outputs of these forwards (the pre-update logprobs when no step has happened yet).
+    outputs of these forwards (the pre-update logprobs when no step has happened yet). Micro-batches
+    move to `device` (the engine's) one at a time; `mini` and `pre` stay where they are.
 
     A micro-batch without response tokens backpropagates an exact zero and is counted as
     skipped. A loss that raises `ValueError` (non-finite logprobs, ...) becomes a NaN loss on
@@ -48,7 +49,8 @@ def accumulate(engine, objective: Objective, mini: dict, num_tokens: float, num_
     failure = None
     for i in range(count):
         real = i < len(chunks)
-        mb = take_rows(mini, chunks[i]) if real else {**dummy_rows(), "temperature": temperature}
+        mb = to_device(take_rows(mini, chunks[i]) if real else {**dummy_rows(), "temperature": temperature},
+                       device)
         out, entropy = objective.forward(engine, mb)
         if pre is not None and real:
             pre[chunks[i]] = out.detach()

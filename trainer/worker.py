@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 from rl.algos import AlgoConfig
 from trainer import checkpoint as ckpt
-from trainer.batch import as_batch, check_tokens, check_training, dummy_rows, num_rows, row_chunks, take_rows
+from trainer.batch import (as_batch, check_tokens, check_training, dummy_rows, num_rows, row_chunks, take_rows,
+                           to_device)
 from trainer.config import TrainerConfig
 from trainer.engine import build_engine, init_distributed
 from trainer.modules import PolicyModule, ValueModule
@@ -73,6 +74,7 @@ class TrainerWorker:
         self.shapes = {k: tuple(v.shape) for k, v in module.hf_state_dict().items()}
         self.engine = build_engine(module, self.cfg, world_size, trainable=self.objective is not None)
         self.module = self.engine.module
+        self.device = self.engine.device
         self.steps = 0            # optimizer steps attempted (applied + skipped)
 
     def set_algo(self, algo_cfg: AlgoConfig | dict) -> None:
@@ -110,7 +112,7 @@ class TrainerWorker:
         count = self._max_over_ranks(len(chunks)) if self.cfg.zero_stage == 3 else len(chunks)
         temp = float(batch.get("temperature", 1.0))
         for i in range(count):
-            mb = take_rows(batch, chunks[i]) if i < len(chunks) else dummy_rows()
+            mb = to_device(take_rows(batch, chunks[i]) if i < len(chunks) else dummy_rows(), self.device)
             lp = self.engine(mb["input_ids"], mb["lengths"], temp)
             if i < len(chunks):
                 out[chunks[i]] = lp
@@ -153,7 +155,9 @@ class TrainerWorker:
         counts = torch.tensor([[float(mask[r].sum()), float(mask[r].any(1).sum())] for r in minis],
                               dtype=torch.float64)
         if self.world_size > 1:
+            counts = counts.to(self.device)
             dist.all_reduce(counts)
+            counts = counts.cpu()
         if bool((counts[:, 0] == 0).all()):
             raise ValueError("response_mask selects no token: the batch has zero response tokens")
         if bool((counts[:, 0] == 0).any()):
@@ -172,7 +176,7 @@ class TrainerWorker:
                 failure = accumulate(self.engine, objective, mini, float(counts[m, 0]),
                                      float(counts[m, 1]), self.cfg.micro_batch_size, metrics,
                                      pre[rows] if record else None, self.world_size,
-                                     self._max_over_ranks, self.rank)
+                                     self._max_over_ranks, self.rank, self.device)
                 if record:
                     pre_rows[rows] = True
                 if failure:
@@ -291,7 +295,7 @@ class TrainerWorker:
     def _max_over_ranks(self, value: int) -> int:
         if self.world_size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
