@@ -33,12 +33,15 @@ from rl.model.checkpoint import check_state_dict, read_state_dict
 from rl.model.config import load_model_config
 
 DS_TAG = "state"
-# Config fields that define the architecture (and so the tensors); a mismatch is named.
+# Config fields that define the architecture: its tensors or its arithmetic (a checkpoint
+# trained with another rope_theta or routing rule loads but computes something else).
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "layer_group_size",
+               "group_norm_size", "use_qk_norm", "partial_rotary_factor", "rope_theta", "rms_norm_eps",
                "first_k_dense_replace", "num_experts", "num_experts_per_tok", "num_shared_experts",
-               "moe_intermediate_size", "group_norm_size", "partial_rotary_factor", "use_qk_norm",
-               "linear_decay_form", "linear_chunk_size")
+               "moe_intermediate_size", "score_function", "moe_router_enable_expert_bias", "n_group",
+               "topk_group", "norm_topk_prob", "routed_scaling_factor", "linear_decay_form",
+               "linear_chunk_size", "tie_word_embeddings")
 
 
 def _barrier() -> None:
