@@ -124,6 +124,17 @@ def probe_gemm_configs():
             out[f"BM{bm}-BN{bn}-W{warps}"] = bool(torch.equal(y, base))
         except Exception as err:
             out[f"BM{bm}-BN{bn}-W{warps}"] = repr(err)[:200]
+    big = torch.randn(16384, k, device=DEV).to(BF16)
+    for m in (4096, 16384):
+        try:
+            t = {}
+            for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 64, 4, 4)):
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=stages)
+                t[f"BM{bm}-BN{bn}-W{warps}-S{stages}"] = bench_ms(lambda: matmul_nt(big[:m], w, BF16, cfg))
+            t["cublas"] = bench_ms(lambda: torch.mm(big[:m], w.t()))
+            out[f"time_ms_M{m}"] = t
+        except Exception as err:
+            out[f"time_ms_M{m}"] = repr(err)[:200]
     for m in (1, 8):
         try:
             t = {}
@@ -342,6 +353,24 @@ def bench_moe():
            "torch._grouped_mm experts (pre-stacked)")
     record("moe route only", lambda: (True, ""), lambda: T.moe_route(x, gw, bias, *args),
            lambda: stock.moe_route(x, gw, bias, *args), None, "stock route")
+    # probe: other expert tile shapes -- same bits as the shipped one? how fast?
+    import importlib
+    M = importlib.import_module("rl.kernels.triton.moe")
+    saved = (M.BLOCK_M, M.BLOCK_N, M.UP_WARPS, M.DOWN_WARPS)
+    probe = {}
+    try:
+        for cfg in ((128, 128, 8, 8), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 4)):
+            M.BLOCK_M, M.BLOCK_N, M.UP_WARPS, M.DOWN_WARPS = cfg
+            try:
+                same = bool(torch.equal(T.moe_experts(x, ids, w, G, U, D), full))
+                probe[str(cfg)] = {"same_bits": same, "ms": bench_ms(lambda: T.moe_experts(x, ids, w, G, U, D))}
+            except Exception as err:
+                probe[str(cfg)] = repr(err)[:200]
+    finally:
+        M.BLOCK_M, M.BLOCK_N, M.UP_WARPS, M.DOWN_WARPS = saved
+    print("moe tile probe (BM, BN, up warps, down warps):", probe, flush=True)
+    RESULTS.append({"name": "moe expert tile probe (BM, BN, up_warps, down_warps)", "result": probe})
+    flush()
 
 
 # ------------------------------------------------------------------ whole slice ----------

@@ -41,7 +41,9 @@ def test_linear_batch_invariant(n, k, kind):
         rows = torch.randperm(m_full, generator=gen)[:m].to(DEV)
         assert_bitwise(T.linear(x[rows], w, out_dtype), full[rows], f"M={m}")
     ref = x[:64].double() @ w.double().t()
-    tol = 1e-6 if out_dtype == torch.float32 else 8e-3
+    # fp32 out: tensor-core fp32 accumulation (not IEEE round-to-nearest per add) lands
+    # ~2e-6 (bf16 x bf16) to ~1e-5 (split fp32 weight, K=4096) from float64
+    tol = 3e-5 if out_dtype == torch.float32 else 8e-3
     assert rel_err(full[:64], ref) < tol
 
 
@@ -273,12 +275,25 @@ def test_moe_route_invariant_and_ties():
         assert_bitwise(l2, logits[rows], "router logits")
         assert_bitwise(ids2, ids[rows], "ids")
         assert_bitwise(w2, w[rows], "weights")
-    assert rel_err(logits, x.double() @ gw.double().t()) < 1e-6
+    assert rel_err(logits, x.double() @ gw.double().t()) < 3e-5
     # ties: identical gate rows give identical scores -> the lower expert index wins
     gw_tie = gw.clone()
     gw_tie[1::2] = gw_tie[0::2]
     _, ids_tie, _ = T.moe_route(x[:50], gw_tie, None, 8, 1, 1, True, 1.0)
     assert bool((ids_tie % 2 == 0).all()), "ties must go to the lower expert index"
+
+
+def test_stable_topk_matches_stable_sort():
+    from rl.kernels.triton.moe import stable_topk
+    x = torch.round(torch.randn(4000, 256, device=DEV) * 4) / 4       # many ties
+    x[:, ::9] = float("-inf")
+    x[:, 5] = -0.0
+    x[:, 6] = 0.0
+    for k in (1, 2, 8, 64):
+        v, i = stable_topk(x, k)
+        v_ref, i_ref = torch.sort(x, dim=-1, descending=True, stable=True)
+        assert_bitwise(i, i_ref[:, :k], f"indices k={k}")
+        assert_bitwise(v, v_ref[:, :k], f"values k={k}")
 
 
 def _experts_ref64(x, ids, w, G, U, D):

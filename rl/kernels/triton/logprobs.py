@@ -5,7 +5,7 @@ ROWS_PER_CHUNK rows to bound the [rows, V] fp32 buffer (rows are independent, so
 too). One Triton program per row then walks V in fixed BLOCK_V blocks in order: an exact max,
 then per-lane sums of exp(z - max) block by block and one fixed-shape final reduction, so a
 row's log-normaliser does not depend on the other rows. Backward (trainer): analytic,
-chunked, torch matmuls.
+chunked; logits recomputed by the invariant GEMM, gradient GEMMs in the weight's dtype.
 """
 from __future__ import annotations
 
@@ -78,24 +78,26 @@ class _LogSoftmax(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, tok, lse = ctx.saved_tensors
         t = ctx.temperature
-        w32 = weight.float()
+        # logits recomputed by the forward's GEMM; the two gradient GEMMs run in the weight's
+        # dtype on cuBLAS (bf16 operands, fp32 accumulate) like any bf16 trainer's lm_head
+        dt = weight.dtype
         dh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ROWS_PER_CHUNK):
             sl = slice(start, start + ROWS_PER_CHUNK)
-            h32 = hidden[sl].float()
-            p = torch.exp(h32 @ w32.t() / t - lse[sl, None])            # softmax at T
+            h = hidden[sl]
+            p = torch.exp(matmul_nt(h, weight, torch.float32) / t - lse[sl, None])   # softmax at T
             g = grad[sl]
             if ctx.gather:
-                dz = -p * g[:, None]
+                dz = p.mul_(-g[:, None])
                 dz[torch.arange(dz.shape[0], device=dz.device), tok[sl].long()] += g
             else:
                 dz = g - p * g.sum(-1, keepdim=True)
-            dlogits = dz / t
+            dlogits = (dz / t).to(dt)
             if dh is not None:
-                dh[sl] = (dlogits @ w32).to(hidden.dtype)
+                dh[sl] = (dlogits @ weight).to(hidden.dtype)
             if dw is not None:
-                dw += dlogits.t() @ h32
+                dw += (dlogits.t() @ h.to(dt)).float()
         return dh, (dw.to(weight.dtype) if dw is not None else None), None, None
 
 

@@ -3,7 +3,8 @@
 Router: fp32 logits from the invariant GEMM (bf16 x bf16 on tensor cores is exact products
 with fp32 accumulation, i.e. the fp32 product of the bf16 values; an fp32 weight is split
 into three bf16 parts), sigmoid, selection on score + expert_bias with group-limited top-k by
-stable sorts (ties -> lower index), weights normalised by an explicit in-order sum.
+stable top-k (ties -> lower index, one torch.topk on unique integer keys), weights
+normalised by an explicit in-order sum.
 
 Experts: the (token, slot) pairs are sorted by expert id (stable, so by token within an
 expert) and cut into BLOCK_M-row tiles that never straddle experts; one Triton kernel runs
@@ -27,12 +28,22 @@ from rl.kernels.triton.matmul import MODE_BF16, MODE_IEEE, linear, mm_acc
 BLOCK_M = 64
 BLOCK_N = 128
 BLOCK_K = 64
+UP_WARPS, DOWN_WARPS = 8, 4
 
 
 def stable_topk(x: torch.Tensor, k: int):
-    """Top-k along the last dim; ties keep the lower index first."""
-    values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
-    return values[..., :k], indices[..., :k]
+    """Top-k along the last dim of fp32 x, ordered by value then lower index first (what a
+    stable descending sort gives), via one `torch.topk` on unique int64 keys: the float's
+    order-preserving integer image in the high 32 bits, the inverted index in the low 32."""
+    if x.dtype != torch.float32:
+        values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
+        return values[..., :k], indices[..., :k]
+    bits = (x + 0.0).contiguous().view(torch.int32)          # + 0.0: -0 and +0 tie, as in a sort
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    idx = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64)
+    keys = ordered * (1 << 32) + (0xFFFFFFFF - idx)
+    _, indices = torch.topk(keys, k, dim=-1, largest=True, sorted=True)
+    return x.gather(-1, indices), indices
 
 
 def _ordered_sum(x: torch.Tensor) -> torch.Tensor:
@@ -208,10 +219,10 @@ def _experts_fast(x, topk_ids, topk_weights, gate_w, up_w, down_w):
     y = torch.empty((pairs, hd), dtype=x.dtype, device=x.device)
     _expert_up_kernel[(max_tiles, triton.cdiv(inter, BLOCK_N))](
         x, wg_t, wu_t, h, order, tile_e, tile_r, counts, estart, top_k, hd, inter, x.stride(0),
-        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, MODE=mode, num_warps=8, num_stages=3)
+        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, MODE=mode, num_warps=UP_WARPS, num_stages=3)
     _expert_down_kernel[(max_tiles, triton.cdiv(hd, BLOCK_N))](
         h, wd_t, y, order, tile_e, tile_r, counts, estart, hd, inter,
-        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, MODE=mode, num_warps=4, num_stages=3)
+        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, MODE=mode, num_warps=DOWN_WARPS, num_stages=3)
     w = topk_weights.float().contiguous()
     _combine_kernel[(num_tokens, triton.cdiv(hd, 1024))](y, w, out, hd, TOP_K=top_k, BLOCK=1024, num_warps=4)
     return out
