@@ -23,8 +23,9 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides for the RL config")
     args = parser.parse_args(argv)
     t0 = time.time()
-    from trainer.sft import load_sft_config, run_sft
-    sft_cfg = load_sft_config(args.sft_config)
+    from trainer.sft import run_sft
+    from trainer.sft_cli import load_config
+    sft_cfg = load_config(args.sft_config)
     print(f"== 1/2 SFT warm start: {args.sft_config}")
     sft = run_sft(sft_cfg)
     checkpoint = Path(sft_cfg.out_dir) / sft_cfg.name / "checkpoint"

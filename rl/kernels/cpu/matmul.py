@@ -43,6 +43,28 @@ def matmul_rows(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     return out.view(n_tiles * TILE_M, -1)[:m]
 
 
+class _InvariantLinear(torch.autograd.Function):
+    """Forward: the invariant tiled product. Backward: plain GEMMs in the input dtype —
+    gradients must be correct, not bit-identical (contract 6), and the plain path is several
+    times faster (AMX bf16 on this CPU)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, out_dtype):
+        ctx.save_for_backward(x2d, weight)
+        with torch.no_grad():
+            return matmul_rows(x2d, weight.float().t()).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2d, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out.to(x2d.dtype) @ weight.to(x2d.dtype)).to(x2d.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_out.to(weight.dtype).t() @ x2d.to(weight.dtype)).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y = x @ weightᵀ. x [..., K] (bf16/fp32), weight [N, K]; fp32 accumulate.
 
@@ -50,5 +72,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     count (1 or 2 threads, tested). Output dtype: `out_dtype` or x.dtype.
     """
     lead = x.shape[:-1]
-    y = matmul_rows(x.reshape(-1, x.shape[-1]), weight.float().t())
-    return y.reshape(*lead, weight.shape[0]).to(out_dtype or x.dtype)
+    x2d = x.reshape(-1, x.shape[-1])
+    out_dtype = out_dtype or x.dtype
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        y = _InvariantLinear.apply(x2d, weight, out_dtype)
+    else:
+        y = matmul_rows(x2d, weight.float().t()).to(out_dtype)
+    return y.reshape(*lead, weight.shape[0])
