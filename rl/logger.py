@@ -37,7 +37,7 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
-        self.rows = [r for r in self.rows if r.get("step") != step or "eval/accuracy" in r and "eval/accuracy" not in row] + [row]
+        self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:

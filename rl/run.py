@@ -238,7 +238,8 @@ class Run:
                 if final:
                     self.logger.log(self.step, final)
                     summary["eval/accuracy_end"] = final["eval/accuracy"]
-                self.save_checkpoint()
+                if not (cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0):
+                    self.save_checkpoint()
         except DriftAbort as err:
             self.save_checkpoint()
             self.logger.console.print(f"[red]aborted: {err}[/]")
