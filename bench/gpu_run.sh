@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command sent to the lent GPU machine (device tool `run`, carry [".whl"]):
-#   [PYTEST_K='pytest -k expression'] bash bench/gpu_run.sh [tests|mismatch|bench|all] [bench --only list]
+#   [PYTEST_K='pytest -k expr'] [MISMATCH_KERNELS=lockstep|stock] bash bench/gpu_run.sh [all|tests,mismatch,bench] [bench --only list]
 # Installs the carried fla-core / liger-kernel wheels, then runs the GPU contract tests,
 # `lockstep mismatch` on the GPU and the kernel benchmark; logs and JSON go to $OUT.
 set -u -o pipefail
@@ -18,13 +18,13 @@ STAGE=${1:-all}
 ONLY=${2:-}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/gpu.txt" 2>&1
 status=0
-if [[ $STAGE == all || $STAGE == tests ]]; then
+if [[ $STAGE == all || ",$STAGE," == *",tests,"* ]]; then
   python3 -m pytest tests/gpu -q -p no:cacheprovider --durations=15 -rf --timeout=300 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/pytest.log" || status=1
 fi
-if [[ $STAGE == all || $STAGE == mismatch ]]; then
-  python3 tests/gpu/mismatch_gpu.py --out "$OUT/mismatch_gpu.json" 2>&1 | tee "$OUT/mismatch.log" || status=1
+if [[ $STAGE == all || ",$STAGE," == *",mismatch,"* ]]; then
+  python3 tests/gpu/mismatch_gpu.py --out "$OUT/mismatch_gpu.json" ${MISMATCH_KERNELS:+--kernels $MISMATCH_KERNELS} 2>&1 | tee "$OUT/mismatch.log" || status=1
 fi
-if [[ $STAGE == all || $STAGE == bench ]]; then
+if [[ $STAGE == all || ",$STAGE," == *",bench,"* ]]; then
   python3 bench/kernels_gpu.py --out "$OUT/kernels_gpu_h200.json" ${ONLY:+--only $ONLY} 2>&1 | tee "$OUT/bench.log" || status=1
 fi
 exit $status

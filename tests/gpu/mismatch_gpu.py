@@ -37,6 +37,7 @@ def _sample_on_cpu(logprobs_row, generator):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="mismatch_gpu.json")
+    ap.add_argument("--kernels", default="lockstep,stock", help="comma list of kernel modes to run")
     args = ap.parse_args()
     mismatch.load_model = lambda path: build_model(Path(path))
     reference.sample = _sample_on_cpu
@@ -45,7 +46,7 @@ def main() -> int:
     results, failed = [], False
     for name, prompts, new_tokens in runs:
         path = model_config_path(name, tmp)
-        for kernels in ("lockstep", "stock"):
+        for kernels in args.kernels.split(","):
             t0 = time.time()
             try:
                 res = mismatch.run_mismatch(str(path), "reference", prompts, new_tokens, 1, 1.0, 0, kernels, 3)

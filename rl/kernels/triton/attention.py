@@ -8,9 +8,9 @@ sum, P·V accumulate in fp32). A block that is wholly masked for a row leaves th
 state exactly unchanged (max unchanged, alpha = exp(0) = 1, p = 0), so a row's bits do not
 depend on which other rows share its tile, how far the tile walks, the batch, the
 prefill/decode split, chunked-prefill boundaries or the page layout. No split-KV. The tile
-and block shapes are constants of the module; every block runs the same masked code and the
-kernel is compiled without FMA contraction, so the paged and unpaged variants and every
-block compute with identical roundings. New K/V are written to the cache (cache dtype =
+and block shapes are constants of the module; the kernel is compiled without FMA
+contraction, so the masked and unmasked block paths and the paged and unpaged variants
+compute with identical roundings. New K/V are written to the cache (cache dtype =
 model dtype) before the kernel reads them; without a cache (the trainer) K/V are read from
 the inputs, which are the same values.
 
@@ -88,13 +88,20 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, o_ptr, tile_seq_ptr, tile_tok_p
         q_rows = (start + tok).to(tl.int64)
         q = tl.load(q_ptr + q_rows[:, None] * s_qn + head[:, None] * s_qh + d[None, :])
         kv_end = ctx + last_tok + 1
+        n_open = (ctx + tok0 + 1) // BLOCK_N            # blocks visible to every row of the tile
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-        # one code path for every block: a block fully visible in one tile and partly masked in
-        # another must compute identically (with a separate unmasked loop the compiler fused
-        # the score scale into the exp argument there only: 1 element in 10^6 differed)
-        for blk in range(0, tl.cdiv(kv_end, BLOCK_N)):
+        # Fully visible blocks skip the mask. A block can be fully visible in one tile and
+        # partly masked in another; both paths compute identically only because the kernel is
+        # compiled without FMA contraction (with it, the unmasked path fused the score scale
+        # into the exp argument and 1 element in 10^6 differed on an H200).
+        for blk in range(0, n_open):
+            p = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            k, v = _load_kv(k_ptr, v_ptr, cache_ptr, bt_ptr, seq, start, kvh, p, kv_end, d,
+                            s_kn, s_kh, s_vn, s_vh, s_cb, s_ch, s_cs, s_bt, D, PAGE, PAGED)
+            acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, k, v, p, qpos, scale, False, MODE)
+        for blk in range(n_open, tl.cdiv(kv_end, BLOCK_N)):
             p = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             k, v = _load_kv(k_ptr, v_ptr, cache_ptr, bt_ptr, seq, start, kvh, p, kv_end, d,
                             s_kn, s_kh, s_vn, s_vh, s_cb, s_ch, s_cs, s_bt, D, PAGE, PAGED)
