@@ -43,6 +43,7 @@ class Run:
         self.step = 0
         self.version = 0
         self.times: dict[str, float] = {}
+        self.step_hooks: list = []      # called as hook(run, metrics) after each step (tests, tools)
 
     # -- setup -------------------------------------------------------------------------------
     def build(self):
@@ -121,15 +122,17 @@ class Run:
             problems = self.tasks.prompts_for_step(self.step, cfg.rollout.prompts_per_step)
             prompt_ids = [self.encode(p["prompt"]) for p in problems]
             samples = self.rollout.generate(prompt_ids, n, self.sampling(cfg.seed * 1_000_003 + self.step))
+        # samples are prompt-major: sample i belongs to prompt i // n (its GRPO group)
         failed = [s for s in samples if s.error is not None]
-        samples = [s for s in samples if s.error is None]
-        if not samples:
+        kept = [(i // n, s) for i, s in enumerate(samples) if s.error is None]
+        if not kept:
             raise RuntimeError(f"step {self.step}: every rollout sample failed: {failed[0].error}")
+        samples = [s for _, s in kept]
         with self.timed("reward"):
-            items = [self.reward_item(problems[i // n], s) for i, s in enumerate(samples)]
+            items = [self.reward_item(problems[g], s) for g, s in kept]
             rewards, reward_metrics = self.reward_fn.score_batch(items)
         with self.timed("advantage"):
-            group_ids = [s.prompt_index for s in samples]
+            group_ids = [g for g, _ in kept]
             batch, batch_metrics = build_train_batch(
                 samples, rewards, group_ids, cfg.algo, cfg.rollout.temperature,
                 ref_logprobs_fn=self.ref.forward_logprobs if self.ref is not None else None,
@@ -226,6 +229,8 @@ class Run:
                     metrics.update(self.evaluate())
                 self.logger.log(self.step, metrics)
                 self.logger.progress(self.step - 1, cfg.run.steps, metrics)
+                for hook in self.step_hooks:
+                    hook(self, metrics)
                 if self.step % cfg.logging.report_every == 0:
                     write_report(self.logger.rows, self.run_dir / "report.png", cfg.name)
                 if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
