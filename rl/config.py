@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rewards.config import RewardConfig
 from rl.algos import AlgoConfig
+from rl.overrides import ConfigError, validate  # noqa: F401  (ConfigError is part of this API)
 from trainer.config import TrainerConfig
 
 
@@ -107,62 +107,5 @@ class RunConfig(Strict):
         return Path(self.run.output_dir) / self.name
 
 
-class ConfigError(ValueError):
-    """A bad run config; the message names the dotted key."""
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value (e.g. trainer.zero_stage=3)")
-    key, raw = text.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: bad key {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            if not isinstance(node.setdefault(part, {}), dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
-            node = node[part]
-        node[path[-1]] = value
-    return data
-
-
-def _describe(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key {key!r}")
-        else:
-            lines.append(f"{source}: {key}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""))
-    return "\n".join(lines)
-
-
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"run config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    data = apply_overrides(data, overrides or [])
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_describe(err, str(path))) from None
-    except ValueError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    return validate(RunConfig, path, overrides)

@@ -10,32 +10,11 @@ import argparse
 import json
 import sys
 
-import yaml
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`a.b=value` strings onto a nested dict; values are parsed as YAML scalars."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
-    return raw
-
 
 def load_config(path: str, overrides: list[str] | None = None):
+    from rl.overrides import validate
     from trainer.sft import SFTConfig
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return SFTConfig.model_validate(apply_overrides(raw, overrides or []))
+    return validate(SFTConfig, path, overrides)
 
 
 def main(args: argparse.Namespace) -> int:
