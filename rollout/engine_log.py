@@ -19,7 +19,8 @@ import time
 
 ERROR_LINE = re.compile(r"(Error|Exception|error|FATAL|Fatal|Killed|Traceback|died|fatal)")
 # vLLM's own wrapper messages; the root cause is what precedes them
-WRAPPER_LINE = re.compile(r"EngineDeadError|Engine core proc .* died unexpectedly|EngineCore encountered a fatal error")
+WRAPPER_LINE = re.compile(r"EngineDeadError|Engine core proc .* died unexpectedly|EngineCore encountered a fatal error"
+                          r"|Worker failed with error|Engine core initialization failed")
 
 
 class EngineLog:

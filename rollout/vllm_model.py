@@ -129,7 +129,10 @@ class LockstepBailingForCausalLM(nn.Module, HasInnerState, IsHybrid):
             else:
                 holder = LinearStateHolder(config, name)
             self.cache_layers.append(holder)
-        self.weight_version: int | None = None   # set by the worker extension on updates
+        # set by rollout.weight_transfer: the version of a complete, verified update (None
+        # for the checkpoint or while an update is in progress / failed)
+        self.weight_version: int | None = None
+        self.update_error: str | None = None
         self.fault: str | None = None            # test hook: makes the next forward raise
 
     # -- vLLM model interface ----------------------------------------------------------------

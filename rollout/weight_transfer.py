@@ -12,10 +12,10 @@ On a GPU cluster the same RolloutWorker calls work with `weight_transfer_config=
 "nccl"}` and vLLM's `NCCLTrainerWeightTransferEngine` on the trainer rank (the trainer
 broadcasts instead of writing buckets); only `push_weights` below changes.
 
-Each update is versioned and verified: the engine checks that every tensor of the model was
-written exactly once in the update and that it now holds the bytes that were sent, then
-records the version on the model (`weight_version`); the worker tags the engine
-(`set_weight_version`) so every output token carries it.
+Each update is versioned and verified: the engine refuses non-finite tensors, checks that
+every tensor of the model was written exactly once and now holds the bytes that were sent,
+and only then records the version on the model (`weight_version`); the worker reads it back
+and tags the engine (`set_weight_version`) so every output token carries it.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightT
 
 BACKEND = "lockstep_shm"
 BUCKET_BYTES = 512 << 20
+RPC_TIMEOUT_S = 600.0     # a dead engine never answers
 
 
 @dataclass
@@ -65,24 +66,31 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
             raise ValueError(f"lockstep weight update mixes versions {self._version} and {update_info.version}")
         self._version = update_info.version
         targets = dict(self.model.lm.state_dict())
+        self.model.weight_version = None          # mixed until finish_weight_update says otherwise
         with safe_open(update_info.path, framework="pt") as bucket:
             names = list(bucket.keys())
             again = self._written.intersection(names)
             if again:
                 raise ValueError(f"lockstep weight update: tensor {sorted(again)[0]!r} sent twice")
+            for name in names:
+                if not torch.isfinite(bucket.get_tensor(name)).all():
+                    raise ValueError(f"lockstep weight update {self._version}: {name!r} has non-finite values")
             self.model.load_weights((name, bucket.get_tensor(name)) for name in names)
-            for name in names:    # verify: the model now holds what was sent
+            for name in names:    # verify: the model now holds exactly what was sent
                 sent = bucket.get_tensor(name).to(targets[name].dtype)
                 if not torch.equal(targets[name], sent):
                     raise RuntimeError(f"lockstep weight update: {name!r} differs after loading")
         self._written.update(names)
 
     def finish_weight_update(self) -> None:
+        # never raises: vLLM's worker keeps the update session open if this does
         missing = sorted(set(self.model.lm.state_dict()) - self._written)
         if missing:
-            raise ValueError(f"lockstep weight update {self._version}: no tensor for {missing[0]!r}"
-                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        self.model.weight_version = self._version
+            self.model.update_error = (f"update {self._version} incomplete: no tensor for {missing[0]!r}"
+                                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        else:
+            self.model.update_error = None
+            self.model.weight_version = self._version
 
     def shutdown(self) -> None:
         pass
@@ -116,24 +124,38 @@ def _save(bucket: dict[str, torch.Tensor], directory: Path, index: int) -> Path:
     return path
 
 
-def push_weights(llm, version: int, weights: dict[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Load `weights` (HF names) into the running engine `llm` as `version`, in place.
+def push_weights(llm, version: int, weights: dict[str, torch.Tensor], bucket_bytes: int | None = None) -> None:
+    """Load `weights` (HF names, the complete set) into the running engine `llm` as
+    `version`, in place, through vLLM's weight-update lifecycle on every worker.
 
-    Goes through vLLM's weight-update lifecycle on every worker; raises if the engine rejects
-    or fails to verify the update, leaving the version tag unchanged (but possibly some
-    tensors already replaced: the caller must not generate until an update succeeds).
+    Raises if the engine rejects or cannot verify the update; the session is closed either
+    way. After a failure some tensors may already be replaced: the caller must not generate
+    until an update succeeds (RolloutWorker enforces this).
     """
     shm = Path("/dev/shm") if os.path.isdir("/dev/shm") else None
     directory = Path(tempfile.mkdtemp(prefix="lockstep-weights-", dir=shm))
+    open_session = False
     try:
-        paths = write_buckets(weights, directory, bucket_bytes)
-        llm.collective_rpc("start_weight_update")
-        # a failing chunk closes the session on the worker side; the caller must then treat
-        # the engine's weights as inconsistent until a complete update succeeds
+        paths = write_buckets(weights, directory, bucket_bytes or BUCKET_BYTES)   # before touching the engine
+        llm.collective_rpc("start_weight_update", timeout=RPC_TIMEOUT_S)
+        open_session = True
         for path in paths:
-            llm.collective_rpc("update_weights",
+            # a failing chunk makes vLLM's worker close the session itself
+            open_session = False
+            llm.collective_rpc("update_weights", timeout=RPC_TIMEOUT_S,
                                kwargs={"update_info": {"path": str(path), "version": int(version)}})
-        llm.collective_rpc("finish_weight_update")   # raises if a tensor was not sent
+            open_session = True
+        llm.collective_rpc("finish_weight_update", timeout=RPC_TIMEOUT_S)
+        open_session = False
+        state = llm.collective_rpc("lockstep_state", timeout=RPC_TIMEOUT_S)
+        failed = [s for s in state if s["weight_version"] != version]
+        if failed:
+            raise RuntimeError(f"weight update {version} not applied: {failed[0].get('update_error')}")
         llm.llm_engine.set_weight_version(str(version))
     finally:
+        if open_session:
+            try:
+                llm.collective_rpc("finish_weight_update", timeout=RPC_TIMEOUT_S)
+            except Exception:
+                pass
         shutil.rmtree(directory, ignore_errors=True)

@@ -51,6 +51,8 @@ ENGINE_DEFAULTS = {
     "max_num_seqs": 256,
     "disable_log_stats": False,             # keeps counters (preemptions, prefix hits) readable
 }
+RPC_TIMEOUT_S = 600.0      # control messages to the engine; a dead engine never answers
+HEALTH_TIMEOUT_S = 20.0
 SAMPLING_KEYS = {"temperature", "max_new_tokens", "seed", "stop_token_ids", "top_p", "top_k", "min_tokens"}
 
 
@@ -109,6 +111,7 @@ class RolloutWorker:
         self._log = EngineLog()
         self._dead_cause: str | None = None
         self._weights_consistent = True
+        self._weight_shapes: dict[str, list[int]] | None = None
         self._version = self._initial_version
         self._engine_temperature = self.temperature or 1.0
         overrides = {KERNELS_ATTR: self.kernels, TEMPERATURE_ATTR: self._engine_temperature}
@@ -155,22 +158,35 @@ class RolloutWorker:
         return self._version
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
-        """Load trainer weights (HF names, bf16) into the running engine as `version`.
-        Waits for a generation in progress; the next generation runs entirely at `version`."""
+        """Load trainer weights (HF names, bf16, the complete set) into the running engine as
+        `version`. Waits for a generation in progress; the next generation runs entirely at
+        `version`. A set with a missing, unknown or mis-shaped tensor is refused before the
+        engine is touched."""
         if not isinstance(version, int) or isinstance(version, bool):
             raise ValueError(f"update_weights: version must be an int, got {version!r}")
         from rollout.weight_transfer import push_weights
         with self._lock:
             self._check_alive()
+            self._check_weight_set(weights)
             self._weights_consistent = False
-            try:
-                push_weights(self._llm, version, weights)
-            except Exception as err:
-                self._raise_if_dead(err)
-                raise
+            self._watched(lambda: push_weights(self._llm, version, weights), RPC_TIMEOUT_S)
             self._version = version
             self._weights_consistent = True
             return version
+
+    def _check_weight_set(self, weights: dict[str, torch.Tensor]) -> None:
+        if self._weight_shapes is None:
+            self._weight_shapes = self._rpc("lockstep_weight_shapes")[0]
+        expected = self._weight_shapes
+        for kind, names in (("missing", sorted(set(expected) - set(weights))),
+                            ("unexpected", sorted(set(weights) - set(expected)))):
+            if names:
+                raise ValueError(f"update_weights: {kind} tensor {names[0]!r}"
+                                 + (f" (and {len(names) - 1} more)" if len(names) > 1 else ""))
+        for name, shape in expected.items():
+            if list(weights[name].shape) != shape:
+                raise ValueError(f"update_weights: {name!r} has shape {tuple(weights[name].shape)}, "
+                                 f"the model expects {tuple(shape)}")
 
     # -- generation --------------------------------------------------------------------------
     @staticmethod
@@ -212,10 +228,12 @@ class RolloutWorker:
 
         `sampling`: temperature (default: the worker's; 0 = greedy, logprobs then at T = 1),
         max_new_tokens (256), stop_token_ids (pass the EOS id here: there is no tokenizer),
-        top_p, top_k, min_tokens, seed. `seed` reseeds the engine's sampler for this batch:
-        the same call on an engine in the same state samples the same tokens. (Per-request
+        top_p, top_k, min_tokens, seed. `seed` reseeds the engine's sampler before the batch,
+        so a fresh worker given the same sequence of calls samples the same tokens; two equal
+        calls on one engine can differ (vLLM reuses batch rows in another order). Per-request
         seeds are not used: vLLM 0.32 on CPU cannot rewind a request's generator after a
-        partial prefill, which chunked prefill produces.)"""
+        partial prefill (RuntimeError "CPU Generator does not use offset"), and chunked
+        prefill produces those."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"generate: n must be an int >= 1, got {n!r}")
         sampling = dict(sampling or {})
@@ -262,11 +280,7 @@ class RolloutWorker:
                 except Exception as err:   # vLLM's own input validation: this sample only
                     self._raise_if_dead(err)
                     errors[(i, j)] = f"{type(err).__name__}: {err}"
-        try:
-            outputs = self._llm.wait_for_completion(use_tqdm=False)
-        except Exception as err:
-            self._raise_if_dead(err)
-            raise
+        outputs = self._watched(lambda: self._llm.wait_for_completion(use_tqdm=False))
         return errors, {request_of[out.request_id.split("-", 1)[0]]: out for out in outputs}
 
     def _collect(self, prompts, n, errors, finished) -> list[RolloutSample]:
@@ -328,12 +342,33 @@ class RolloutWorker:
         if self._engine_dead():
             raise EngineDead(f"vLLM engine is dead: {self._death_cause()}; restart() the worker")
 
-    def _rpc(self, method: str, *args):
-        try:
-            return self._llm.collective_rpc(method, args=args)
-        except Exception as err:
-            self._raise_if_dead(err)
-            raise
+    def _watched(self, call, timeout: float | None = None):
+        """Run a blocking engine call in a helper thread while watching the engine process:
+        vLLM's client waits forever for an answer from an engine that was killed."""
+        box: dict = {}
+
+        def run():
+            try:
+                box["value"] = call()
+            except BaseException as err:   # re-raised in the caller's thread
+                box["error"] = err
+
+        thread = threading.Thread(target=run, daemon=True, name="lockstep-engine-call")
+        thread.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while thread.is_alive():
+            thread.join(0.25)
+            if thread.is_alive() and self._engine_dead():
+                raise EngineDead(f"vLLM engine died: {self._death_cause()}")
+            if deadline is not None and time.monotonic() > deadline and thread.is_alive():
+                raise TimeoutError(f"vLLM engine did not answer within {timeout:.0f} s")
+        if "error" in box:
+            self._raise_if_dead(box["error"])
+            raise box["error"]
+        return box["value"]
+
+    def _rpc(self, method: str, *args, timeout: float = RPC_TIMEOUT_S):
+        return self._watched(lambda: self._llm.collective_rpc(method, args=args, timeout=timeout), timeout)
 
     def health(self) -> dict:
         """Never raises. alive=False comes with `error` naming the cause from the engine log."""
@@ -347,7 +382,7 @@ class RolloutWorker:
             info.update(alive=True, busy=True)       # a generation or update is running
             return info
         try:
-            state = self._rpc("lockstep_state")[0]
+            state = self._rpc("lockstep_state", timeout=HEALTH_TIMEOUT_S)[0]
             info.update(alive=True, engine_state=state)
         except Exception as err:
             info["error"] = (f"vLLM engine is dead: {self._death_cause()}" if self._engine_dead()

@@ -12,8 +12,12 @@ class LockstepWorkerExtension:
         """What the engine process runs: weight version, logprob temperature, kernel mode."""
         from rl import kernels as K
         model = self._lockstep_model()
-        return {"weight_version": model.weight_version, "temperature": model.temperature,
-                "kernels": K.get_kernels()}
+        return {"weight_version": model.weight_version, "update_error": model.update_error,
+                "temperature": model.temperature, "kernels": K.get_kernels()}
+
+    def lockstep_weight_shapes(self) -> dict[str, list[int]]:
+        """Every tensor an update must carry (HF names) and its shape."""
+        return {name: list(t.shape) for name, t in self._lockstep_model().lm.state_dict().items()}
 
     def lockstep_set_temperature(self, temperature: float) -> None:
         """Temperature of the logprobs `compute_logits` returns (and so of sampling)."""

@@ -82,6 +82,8 @@ def test_engine_log_names_the_root_cause():
         '(Worker pid=7) ERROR 11-29 [multiproc_executor.py:1063]   File "x.py", line 3, in forward',
         "(Worker pid=7) ERROR 11-29 [multiproc_executor.py:1063] RuntimeError: lockstep: injected fault",
         "(EngineCore pid=6) ERROR 11-29 [core.py:1200] EngineCore encountered a fatal error.",
+        "(EngineCore pid=6) ERROR 11-29 [core.py:1512] RuntimeError: Worker failed with error "
+        "'lockstep: injected fault', please check the stack trace above for the root cause",
         "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.",
     ])
     assert log.cause() == "RuntimeError: lockstep: injected fault"
