@@ -35,6 +35,7 @@ class DataSection(Strict):
     ops: str = Field("+", description="arith: operators, a subset of '+-*'")
     eval_size: int = Field(200, ge=0, description="held-out problems for evaluation")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at start and end)")
+    eval_samples: int = Field(4, ge=1, description="samples per held-out problem for the sampled accuracy")
 
     @model_validator(mode="after")
     def _check(self):

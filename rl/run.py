@@ -183,16 +183,21 @@ class Run:
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict:
+        """Held-out accuracy: greedy, and sampled at the rollout temperature (the policy RL
+        optimises; `data.eval_samples` per problem, fixed seed so evaluations compare)."""
         problems = self.tasks.eval
         if not problems:
             return {}
-        samples = self.rollout.generate([self.encode(p["prompt"]) for p in problems], 1,
-                                        {"temperature": 0.0, "max_new_tokens": self.cfg.rollout.max_new_tokens,
-                                         "stop_token_ids": [self.eos_id]})
-        items = [self.reward_item(p, s) for p, s in zip(problems, samples)]
-        scores, _ = self.reward_fn.score_batch(items)
-        return {"eval/accuracy": sum(1.0 for s in scores if s >= 1.0) / len(scores),
-                "eval/mean_reward": sum(scores) / len(scores), "eval/problems": len(scores)}
+        prompts = [self.encode(p["prompt"]) for p in problems]
+        out = {"eval/problems": len(problems)}
+        k = self.cfg.data.eval_samples
+        for name, n, sampling in (("greedy_accuracy", 1, {**self.sampling(0), "temperature": 0.0}),
+                                  ("accuracy", k, self.sampling(self.cfg.seed + 7))):
+            samples = self.rollout.generate(prompts, n, sampling)
+            items = [self.reward_item(problems[i // n], s) for i, s in enumerate(samples)]
+            scores, _ = self.reward_fn.score_batch(items)
+            out[f"eval/{name}"] = sum(1.0 for s in scores if s >= 1.0) / len(scores)
+        return out
 
     # -- helpers -------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -221,7 +226,9 @@ class Run:
                 if first:
                     self.logger.log(0, first)
                     summary["eval/accuracy_start"] = first["eval/accuracy"]
-                    self.logger.phase(f"held-out accuracy at start: {first['eval/accuracy']:.3f}")
+                    summary["eval/greedy_accuracy_start"] = first["eval/greedy_accuracy"]
+                    self.logger.phase(f"held-out accuracy at start: {first['eval/accuracy']:.3f} "
+                                      f"(greedy {first['eval/greedy_accuracy']:.3f})")
             while self.step < cfg.run.steps and not self.stop_requested:
                 metrics = self.train_step()
                 self.step += 1
@@ -243,6 +250,7 @@ class Run:
                 if final:
                     self.logger.log(self.step, final)
                     summary["eval/accuracy_end"] = final["eval/accuracy"]
+                    summary["eval/greedy_accuracy_end"] = final["eval/greedy_accuracy"]
                 if not (cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0):
                     self.save_checkpoint()
         except DriftAbort as err:
