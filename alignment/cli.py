@@ -20,6 +20,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kernels", default="lockstep", choices=["lockstep", "stock"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--micro-batch-size", type=int, default=3, help="trainer recompute micro-batch size")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for the triton backend (reference backend)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
     p.set_defaults(func=main)
 
@@ -49,7 +50,7 @@ def main(args) -> int:
         print("lockstep mismatch: --temperature must be > 0", file=sys.stderr)
         return 2
     result = run_mismatch(args.model, args.backend, args.prompts, args.max_new_tokens, args.samples,
-                          args.temperature, args.seed, args.kernels, args.micro_batch_size)
+                          args.temperature, args.seed, args.kernels, args.micro_batch_size, device=args.device)
     render(result)
     if args.json:
         with open(args.json, "w") as f:

@@ -41,7 +41,7 @@ def recompute(model, prompts, responses, temperature, micro_batch_size, seed):
         for row, s in enumerate(seqs):
             ids[row, : len(s)] = torch.tensor(s)
         with torch.no_grad():
-            lp = model.sequence_logprobs(ids.to(model.device), lengths, temperature).cpu()
+            lp = model.sequence_logprobs(ids.to(model.device), lengths.to(model.device), temperature).cpu()
         for row, i in enumerate(idx):
             p = len(prompts[i])
             out[i] = lp[row, p: p + len(responses[i])]
@@ -56,9 +56,9 @@ def localise(model, prompt, response, temperature):
     ids = torch.tensor([seq], device=model.device)
     model.sequence_logprobs(ids, [len(seq)], temperature, trace=train_trace)
     from rollout.reference import Caches  # lazy: rollout sits beside alignment, used only here
-    caches = Caches(model, -(-len(seq) // 16) + 1, 16, 2)
-    table = torch.tensor([list(range(caches_len := -(-len(seq) // 16)))], dtype=torch.int32)
-    del caches_len
+    num_blocks = -(-len(seq) // 16)
+    caches = Caches(model, num_blocks + 1, 16, 2)
+    table = torch.arange(num_blocks, dtype=torch.int32)[None]
     pos, steps = 0, [len(prompt)] + [1] * (len(response) - 1)
     for n in steps:
         batch = BatchMeta.from_lengths([n], [pos], device=model.device)
@@ -73,10 +73,12 @@ def localise(model, prompt, response, temperature):
 
 def run_mismatch(model_path: str, backend: str = "reference", num_prompts: int = 32, max_new_tokens: int = 96,
                  samples: int = 1, temperature: float = 1.0, seed: int = 0, kernels: str = "lockstep",
-                 micro_batch_size: int = 3, engine_kwargs: dict | None = None) -> dict:
+                 micro_batch_size: int = 3, engine_kwargs: dict | None = None, device: str = "cpu") -> dict:
     K.set_kernels(kernels)
     torch.manual_seed(seed)
-    model = load_model(model_path).eval()
+    if backend == "vllm" and device != "cpu":
+        raise ValueError("--device: the vllm backend recomputes on the CPU here; use --device cpu")
+    model = load_model(model_path, device=device).eval()
     cfg = model.config
     prompts = make_prompts(num_prompts, cfg.vocab_size, cfg.linear_chunk_size, seed)
     if backend == "reference":
@@ -104,4 +106,4 @@ def run_mismatch(model_path: str, backend: str = "reference", num_prompts: int =
     return {**metrics, "first_divergent": first, "kernels": kernels, "backend": backend,
             "sequences": len(results), "prompts": num_prompts, "samples": samples,
             "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-            "model": str(model_path)}
+            "model": str(model_path), "device": device}

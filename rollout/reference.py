@@ -67,7 +67,8 @@ def check_prompts(prompts: list[list[int]], max_len: int, vocab_size: int) -> No
 
 
 def sample(logprobs_row: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(logprobs_row.exp(), 1, generator=generator))
+    """Draw from exp(logprobs) with the request's own CPU generator (device-independent)."""
+    return int(torch.multinomial(logprobs_row.float().cpu().exp(), 1, generator=generator))
 
 
 @torch.no_grad()
