@@ -118,7 +118,7 @@ class LockstepBailingForCausalLM(nn.Module, HasInnerState, IsHybrid):
         self.temperature = float(getattr(hf_config, TEMPERATURE_ATTR, 1.0))
         # exactly what rl.model.checkpoint.load_model builds (buffers converted too)
         self.lm = BailingMoeLinearV2ForCausalLM(config).to(dtype=vllm_config.model_config.dtype)
-        self.lm.eval()
+        self.lm.eval().requires_grad_(False)      # inference only: no autograd bookkeeping
         self.cache_layers = nn.ModuleList()
         for i in range(config.num_hidden_layers):
             name = f"{prefix}layers.{i}.cache" if not prefix else f"{prefix}.layers.{i}.cache"

@@ -42,6 +42,9 @@ FIXED_ENGINE_ARGS = {
     "worker_extension_cls": "rollout.worker_extension.LockstepWorkerExtension",
     "weight_transfer_config": {"backend": "lockstep_shm"},
 }
+# vLLM features the plugin does not support (our model is unsharded, unquantised, bf16 KV)
+UNSUPPORTED_ENGINE_ARGS = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "quantization": None,
+                           "kv_cache_dtype": "auto", "speculative_config": None, "enable_lora": False}
 # our names for common engine settings -> vLLM's
 ENGINE_ALIASES = {"kv_cache_bytes": "kv_cache_memory_bytes", "num_kv_blocks": "num_gpu_blocks_override"}
 ENGINE_DEFAULTS = {
@@ -100,6 +103,9 @@ class RolloutWorker:
             if key in FIXED_ENGINE_ARGS or key in ("hf_overrides", "model"):
                 raise ValueError(f"RolloutWorker engine option {key!r} is fixed by lockstep "
                                  f"(the logprob contract depends on it)")
+            if key in UNSUPPORTED_ENGINE_ARGS and value != UNSUPPORTED_ENGINE_ARGS[key]:
+                raise ValueError(f"RolloutWorker engine option {key}={value!r} is not supported by the "
+                                 f"lockstep plugin (allowed: {UNSUPPORTED_ENGINE_ARGS[key]!r})")
             args[key] = value
         if args.get("enable_prefix_caching") and args.get("enable_chunked_prefill") is False:
             raise ValueError("RolloutWorker: enable_prefix_caching needs chunked prefill for this "

@@ -106,6 +106,8 @@ def test_worker_rejects_options_that_break_the_contract():
         RolloutWorker._engine_args({"logprobs_mode": "raw_logprobs"}, seed=0)
     with pytest.raises(ValueError, match="enforce_eager"):
         RolloutWorker._engine_args({"enforce_eager": False}, seed=0)
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' is not supported"):
+        RolloutWorker._engine_args({"kv_cache_dtype": "fp8"}, seed=0)
     args = RolloutWorker._engine_args({"kv_cache_bytes": 1 << 20, "num_kv_blocks": 9}, seed=3)
     assert args["kv_cache_memory_bytes"] == 1 << 20 and args["num_gpu_blocks_override"] == 9 and args["seed"] == 3
 

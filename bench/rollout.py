@@ -1,0 +1,147 @@
+"""Rollout throughput inside vLLM: our model on rl.kernels (the lockstep plugin) vs a stock
+vLLM model of the same width and depth (Qwen2, random weights), same engine settings, same
+run. Prints JSON: generated tokens/s per engine and the ratio ours / stock.
+
+    .venv/bin/python bench/rollout.py [--models tiny,small] [--json OUT.json]
+
+Workload per model: `--prompts` prompts of mixed lengths (16..80 tokens), `--new-tokens`
+tokens each (no stop tokens, so every engine generates exactly the same count), sampling
+at T = 1 with the sampled token's logprob returned (what RL needs). Each engine first runs a
+warm-up batch; the timed batch follows. Engines run one at a time with the same settings:
+eager mode, prefix caching off, same max_num_seqs and KV-cache bytes.
+
+The stock Qwen2 matches the layer count, hidden size, heads, KV heads, head_dim and vocab;
+its dense MLP width is our per-token active MLP width (top-k + shared experts times the
+expert width), so both do about the same matmul work per token.
+
+Also runs our model in the same plugin with rl.kernels' `stock` mode (plain torch ops,
+not batch-invariant) to separate the integration's cost from the invariant kernels' price.
+
+Refuses to report if the lockstep engine's logprobs are not bit-identical to the trainer
+forward (checked on the timed batch's first samples).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ENGINE = {"enable_prefix_caching": False, "max_num_seqs": 64, "kv_cache_bytes": 1 << 30,
+          "gpu_memory_utilization": 0.5}
+
+
+def make_prompts(num: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(16, 81, (num,), generator=g).tolist()
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def bench_lockstep(config_path: Path, prompts, new_tokens: int, check_samples: int, kernels: str) -> dict:
+    from rl.model.checkpoint import load_model
+    from rollout.parity import mismatches
+    from rollout.worker import RolloutWorker
+    worker = RolloutWorker(config_path, seed=0, temperature=1.0, engine=ENGINE, kernels=kernels)
+    try:
+        worker.generate(prompts[:4], {"max_new_tokens": 8, "seed": 0})             # warm-up
+        batch = worker.generate(prompts, {"max_new_tokens": new_tokens, "seed": 1})
+        check = type(batch)(samples=batch.samples[:check_samples], weight_version=batch.weight_version,
+                            temperature=batch.temperature)
+        problems = mismatches(check, load_model(worker.checkpoint).eval(), 1.0) if kernels == "lockstep" else []
+        if problems:
+            raise SystemExit("lockstep engine logprobs differ from the trainer forward; refusing to "
+                             "report throughput:\n" + "\n".join(problems))
+        return {"tokens": batch.stats["new_tokens"], "seconds": batch.stats["seconds"],
+                "tokens_per_s": batch.stats["tokens_per_s"], "startup_s": worker.startup_s,
+                "parity_checked_samples": len(check.samples) if kernels == "lockstep" else 0}
+    finally:
+        worker.shutdown()
+
+
+def qwen2_config(cfg) -> dict:
+    active = cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.num_shared_experts)
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "intermediate_size": active,
+            "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+            "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+            "rope_theta": cfg.rope_theta, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "hidden_act": "silu", "use_sliding_window": False}
+
+
+def bench_stock(cfg, prompts, new_tokens: int) -> dict:
+    from vllm import LLM, SamplingParams
+    directory = Path(tempfile.mkdtemp(prefix="lockstep-bench-qwen2-"))
+    (directory / "config.json").write_text(json.dumps(qwen2_config(cfg)))
+    started = time.perf_counter()
+    llm = LLM(model=str(directory), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              enforce_eager=True, seed=0, enable_prefix_caching=False, max_num_seqs=ENGINE["max_num_seqs"],
+              kv_cache_memory_bytes=ENGINE["kv_cache_bytes"], gpu_memory_utilization=0.5,
+              max_model_len=cfg.max_position_embeddings, generation_config="vllm")
+    startup = time.perf_counter() - started
+    try:
+        def run(batch, n):
+            params = SamplingParams(temperature=1.0, max_tokens=n, logprobs=0, detokenize=False)
+            return llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+        run(prompts[:4], 8)                                                            # warm-up
+        t0 = time.perf_counter()
+        outs = run(prompts, new_tokens)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "startup_s": startup,
+                "intermediate_size": qwen2_config(cfg)["intermediate_size"]}
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,small")
+    parser.add_argument("--prompts", type=int, default=None, help="default: tiny 64, small 16")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: tiny 128, small 64")
+    parser.add_argument("--check-samples", type=int, default=4)
+    parser.add_argument("--no-stock-ops", dest="stock_ops", action="store_false",
+                        help="skip the run of our model with rl.kernels' stock ops")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    from rl.model.config import load_model_config
+    defaults = {"tiny": (64, 128), "small": (16, 64)}
+    result = {"engine": ENGINE, "threads": torch.get_num_threads(), "models": {}}
+    for name in args.models.split(","):
+        config_path = ROOT / "configs" / "model" / f"{name}.json"
+        cfg = load_model_config(config_path)
+        num_prompts = args.prompts or defaults.get(name, (16, 64))[0]
+        new_tokens = args.new_tokens or defaults.get(name, (16, 64))[1]
+        prompts = make_prompts(num_prompts, cfg.vocab_size)
+        ours = bench_lockstep(config_path, prompts, new_tokens, args.check_samples, "lockstep")
+        stock = bench_stock(cfg, prompts, new_tokens)
+        entry = {"prompts": num_prompts, "new_tokens": new_tokens, "prompt_tokens": sum(map(len, prompts)),
+                 "lockstep": ours, "stock_qwen2": stock,
+                 "ratio_tokens_per_s": ours["tokens_per_s"] / stock["tokens_per_s"]}
+        if args.stock_ops:
+            # our model in the same plugin with rl.kernels' `stock` mode (plain torch ops):
+            # separates the integration's cost from the invariant kernels' price
+            plain = bench_lockstep(config_path, prompts, new_tokens, 0, "stock")
+            entry["our_model_stock_ops"] = plain
+            entry["ratio_stock_ops_vs_qwen2"] = plain["tokens_per_s"] / stock["tokens_per_s"]
+        result["models"][name] = entry
+        print(json.dumps({name: result["models"][name]}), file=sys.stderr, flush=True)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
