@@ -223,8 +223,9 @@ def test_critic_values_and_value_loss():
         critic.forward_logprobs(batch)
 
 
-def test_reference_is_frozen_and_matches_actor(stage_workers):
-    reference = make(role="reference", zero_stage=3)
+@pytest.mark.parametrize("ref_stage", [1, 3])
+def test_reference_is_frozen_and_matches_actor(stage_workers, ref_stage):
+    reference = make(role="reference", zero_stage=ref_stage)
     batch = random_batch(128, 5, 16, seed=4)
     actor = make(zero_stage=1)
     assert_bits_equal(reference.forward_logprobs(batch), actor.forward_logprobs(batch), "reference vs actor")

@@ -54,7 +54,9 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int, trainable: bool) -> di
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": cfg.micro_batch_size * world_size,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        # a frozen module has no optimizer state or gradients to shard: stages 1/2 mean
+        # nothing for it (and DeepSpeed refuses them without an optimizer); 3 shards params
+        "zero_optimization": {"stage": cfg.zero_stage if trainable or cfg.zero_stage == 3 else 0},
         "bf16": {"enabled": cfg.bf16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
