@@ -2,8 +2,8 @@
 
 Registered in pyproject.toml under the entry point group `vllm.general_plugins`
 (`lockstep = rollout.vllm_plugin:register`); vLLM calls `register()` once in every process it
-starts (front end, engine core, workers), so it is idempotent and imports nothing heavy:
-the model class is registered by its import path and loaded lazily by vLLM.
+starts (front end, engine core, workers), so it is idempotent and imports only what vLLM has
+loaded anyway; the model class is registered by its import path and loaded lazily by vLLM.
 """
 from __future__ import annotations
 

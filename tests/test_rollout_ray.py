@@ -18,10 +18,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    owned = not ray.is_initialized()          # another module's session is reused, not shut down
+    if owned:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    if owned:
+        ray.shutdown()
 
 
 def test_worker_as_ray_actor(ray_session, tmp_path):
