@@ -216,8 +216,8 @@ class Run:
     # -- the run -------------------------------------------------------------------------------
     def __call__(self) -> dict:
         cfg = self.cfg
-        self.install_signal_handlers()
         self.build()
+        self.install_signal_handlers()      # after ray.init: Ray's core replaces SIGTERM handlers
         summary: dict = {}
         try:
             if self.step == 0:
