@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from rl.kernels.batch import BatchMeta
-from rl.kernels.cpu.matmul import bmm_fixed
+from rl.kernels.cpu.matmul import bmm_fixed, row_sum
 
 TILE_Q = 16
 BLOCK_K = 64
@@ -107,7 +107,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros((), device=q.device))
     p = torch.where(visible, torch.exp(scores - row_max), torch.zeros((), device=q.device))
 
-    block_sums = p.sum(-1)                                     # [B, Hkv, tiles, blocks, TQ]
+    block_sums = row_sum(p)                                    # [B, Hkv, tiles, blocks, TQ]
     pv = bmm_fixed(p.reshape(g, TILE_Q, BLOCK_K),
                    v_all.reshape(num_seqs * hkv, 1, n_blocks, BLOCK_K, d)
                    .expand(-1, n_tiles, -1, -1, -1).reshape(g, BLOCK_K, d))

@@ -38,7 +38,10 @@ def select_experts(scores: torch.Tensor, expert_bias: torch.Tensor | None, top_k
     ids, _ = torch.sort(ids, dim=-1)                       # combine in ascending expert order
     weights = scores.gather(1, ids)
     if norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        total = weights[:, 0]
+        for slot in range(1, weights.shape[1]):          # fixed order, no ATen reduction
+            total = total + weights[:, slot]
+        weights = weights / (total[:, None] + 1e-20)
     return weights * routed_scaling_factor, ids
 
 

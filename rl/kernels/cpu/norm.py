@@ -1,18 +1,20 @@
 """RMSNorm forms on CPU: row-wise, fp32 statistics, never fused with the residual add.
 
-A row's statistic is a reduction over its own contiguous D elements, which ATen performs in
-the same order for any number of rows (rows are never split across threads for D < 32768).
+A row's statistic is its sum of squares through `matmul.row_sum` (a fixed-shape product),
+never an ATen reduction, whose order can change with the whole tensor's shape.
 """
 from __future__ import annotations
 
 import torch
 
 from rl.kernels.cpu.elementwise import sigmoid
+from rl.kernels.cpu.matmul import row_sum
 
 
 def _normalize(x2d: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x2d.float().contiguous()
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    mean_sq = row_sum(xf * xf)[:, None] / xf.shape[-1]
+    return xf * torch.rsqrt(mean_sq + eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
