@@ -124,9 +124,11 @@ def test_rollout_actor_killed_mid_run(tmp_path, sft_checkpoint):
 
 
 def test_ray_job_submit(tmp_path, sft_checkpoint):
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    # as a user with the venv activated: `python` in the job's entrypoint is the venv's
+    venv_bin = os.path.dirname(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    ray_bin = os.path.join(venv_bin, "ray")
     port = 8265 + (os.getpid() % 500)
     start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
