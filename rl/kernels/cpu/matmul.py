@@ -74,20 +74,6 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     return matmul_rows(x.reshape(-1, d), ones).reshape(x.shape[:-1])
 
 
-def widened_t(weight: torch.Tensor) -> torch.Tensor:
-    """weight.float().t(), cached per weight while its storage and version are unchanged
-    (inference: the rollout engine and no-grad forwards reuse static weights; an in-place
-    update or a re-gathered ZeRO-3 shard changes the key and refreshes the copy)."""
-    if weight.dtype == torch.float32:
-        return weight.t()
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
-    hit = getattr(weight, "_lockstep_widened", None)     # lives and dies with the weight
-    if hit is None or hit[0] != key:
-        hit = (key, weight.detach().float().t())
-        weight._lockstep_widened = hit
-    return hit[1]
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y = x @ weightᵀ. x [..., K] (bf16/fp32), weight [N, K]; fp32 accumulate.
 
@@ -100,5 +86,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         y = _InvariantLinear.apply(x2d, weight, out_dtype)
     else:
-        y = matmul_rows(x2d, widened_t(weight)).to(out_dtype)
+        y = matmul_rows(x2d, weight.float().t()).to(out_dtype)
     return y.reshape(*lead, weight.shape[0])
