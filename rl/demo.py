@@ -39,8 +39,10 @@ def main(argv=None) -> int:
     result = {
         "sft": {k: v for k, v in sft.items() if isinstance(v, (int, float, str))} if isinstance(sft, dict) else str(sft),
         "heldout_problems": summary.get("eval/problems", cfg.data.eval_size),
-        "accuracy_before_rl": summary.get("eval/accuracy_start"),
-        "accuracy_after_rl": summary.get("eval/accuracy_end"),
+        "greedy_accuracy_before_rl": summary.get("eval/greedy_accuracy_start"),
+        "greedy_accuracy_after_rl": summary.get("eval/greedy_accuracy_end"),
+        "sampled_accuracy_before_rl": summary.get("eval/accuracy_start"),
+        "sampled_accuracy_after_rl": summary.get("eval/accuracy_end"),
         "rl_steps": summary.get("steps"),
         "max_abs_logprob_diff_all_steps": max(drifts) if drifts else None,
         "steps_with_zero_drift": f"{sum(d == 0.0 for d in drifts)}/{len(drifts)}",

@@ -20,7 +20,9 @@ def write_report(rows: list[dict], path: Path, title: str) -> Path:
     ax = axes[0, 0]
     ax.plot(x, [r["reward/mean"] for r in steps], label="train reward (mean)")
     if evals:
-        ax.plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="held-out accuracy")
+        ax.plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="held-out accuracy (sampled)")
+        ax.plot([r["step"] for r in evals], [r.get("eval/greedy_accuracy", float("nan")) for r in evals], "s-",
+                label="held-out accuracy (greedy)")
     ax.set_xlabel("step")
     ax.set_title("reward / accuracy")
     ax.legend()
