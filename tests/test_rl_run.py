@@ -66,11 +66,16 @@ def test_code_config_two_steps(tmp_path):
     assert all("reward/code/mean" in r for r in steps.values())
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path, sft_checkpoint):
+def test_resume_after_kill_continues(tmp_path, sft_checkpoint):
+    """SIGTERM mid-run -> the step finishes and a checkpoint is written; --resume continues
+    from it at the saved weight version, to the end, with drift 0 on every step.
+
+    Not asserted: equal next-step metrics with an uninterrupted run. Two fresh runs of the same
+    config already sample different tokens at step 1 (vLLM 0.32's CPU sampler draws from one
+    engine-wide RNG; per-request seeds crash under chunked prefill), so the comparison needs
+    reproducible rollout sampling first (see the issue note). Trainer-side resume is bitwise
+    (tests/test_trainer_worker.py, tests/test_trainer_group.py)."""
     model = f"model.path={sft_checkpoint}"
-    full = _train(tmp_path, "grpo_arith_tiny", model, "run.steps=3", name="full")
-    assert full.returncode == 0, full.stderr[-3000:]
-    # the same run, killed with SIGTERM after step 2 is logged, then resumed
     cmd = [sys.executable, "-m", "rl.train", "--config", "configs/grpo_arith_tiny.yaml", "name=cut",
            f"run.output_dir={tmp_path}", *SMALL, model, "run.steps=3"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -82,13 +87,15 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, sft_checkpoint):
     assert proc.returncode == 0, err[-3000:]
     done = max(_step_rows(_rows(tmp_path, "cut")))
     assert done < 3, "the SIGTERM arrived too late to interrupt the run"
-    assert (tmp_path / "cut" / "checkpoints" / f"step_{done:06d}" / "state.json").exists()
+    state = json.loads((tmp_path / "cut" / "checkpoints" / f"step_{done:06d}" / "state.json").read_text())
+    assert state == {"step": done, "weight_version": done, "corrected": False}
     resumed = _train(tmp_path, "grpo_arith_tiny", model, "run.steps=3", name="cut", resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = _step_rows(_rows(tmp_path, "full")), _step_rows(_rows(tmp_path, "cut"))
-    for step in range(done + 1, 4):
-        for key in ("reward/mean", "loss", "grad_norm", "response/mean_length", "alignment/max_abs_logprob_diff"):
-            assert a[step][key] == b[step][key], f"step {step} {key}: {a[step][key]} vs {b[step][key]}"
+    assert "resumed from" in resumed.stdout and f"at step {done}" in resumed.stdout
+    rows = _step_rows(_rows(tmp_path, "cut"))
+    assert sorted(rows) == [1, 2, 3]
+    assert all(r["alignment/max_abs_logprob_diff"] == 0.0 for r in rows.values())
+    assert rows[done + 1]["rollout/weight_version"] == done
 
 
 def test_on_drift_abort_with_stock_kernels(tmp_path, sft_checkpoint):
