@@ -19,7 +19,6 @@ world size (DeepSpeed's ZeRO partitions are per rank).
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from rl.model.checkpoint import check_state_dict, read_state_dict
+from rl.model.checkpoint import check_state_dict, read_state_dict, replace_dir
 from rl.model.config import load_model_config
 
 DS_TAG = "state"
@@ -90,14 +89,7 @@ def commit(path: Path) -> None:
     """Collective: after every rank has written, rank 0 renames the staging dir into place."""
     _barrier()
     if _rank() == 0:
-        tmp, old = staging_dir(path), path.parent / f".{path.name}.old"
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        replace_dir(staging_dir(path), path)
     _barrier()
 
 

@@ -28,6 +28,13 @@ def save_model(model: BailingMoeLinearV2ForCausalLM, path: str | Path, tokenizer
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, path)
+    return path
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move the finished directory `tmp` to `path` by renames, replacing any old `path`; a
+    crash leaves either the old or the new directory complete, never a half-written one."""
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -36,7 +43,6 @@ def save_model(model: BailingMoeLinearV2ForCausalLM, path: str | Path, tokenizer
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, path)
-    return path
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
