@@ -1,7 +1,7 @@
 """Contract 1 and 3: batch invariance and run-to-run determinism of every op, bitwise.
 
 A row computed inside a call of M rows (M in {1, 2, 3, 7, 16, 64, 257, 1000}, at random
-positions) must equal the same row computed inside a call of 1000 rows, with 1 and 2 threads.
+positions) must equal the same row computed inside a call of 1000 rows, with 1, 2 and 4 threads.
 """
 import pytest
 import torch
@@ -15,12 +15,12 @@ SIZES = [1, 2, 3, 7, 16, 64, 257, 1000]
 
 
 def rows_invariant(fn, x_all, what):
-    """fn maps [M, ...] -> [M, ...] row-wise; check every M at a random offset, 1 and 2 threads."""
+    """fn maps [M, ...] -> [M, ...] row-wise; check every M at a random offset, 1, 2, 4 threads."""
     reference = fn(x_all)
     gen = torch.Generator().manual_seed(7)
     threads = torch.get_num_threads()
     try:
-        for num_threads in (1, 2):
+        for num_threads in (1, 2, 4):
             torch.set_num_threads(num_threads)
             for m in SIZES:
                 start = int(torch.randint(0, x_all.shape[0] - m + 1, (1,), generator=gen))
@@ -33,7 +33,8 @@ def rows_invariant(fn, x_all, what):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("n,k", [(384, 128), (128, 128), (1024, 2048), (128, 1000)], ids=lambda v: str(v))
+@pytest.mark.parametrize("n,k", [(384, 128), (128, 128), (64, 256), (1024, 2048), (128, 1000),
+                                  (3072, 1024), (512, 1024), (1024, 512)], ids=lambda v: str(v))
 def test_linear_batch_invariant(dtype, n, k):
     w = torch.randn(n, k).to(dtype)
     x = torch.randn(1000, k).to(dtype)

@@ -7,9 +7,18 @@ single-threaded GEMM each (a lone GEMM would be split across threads differently
 output element is then reduced over k by the same GEMM micro-kernel in the same order,
 whatever G is and wherever the row sits in its tile.
 
-`linear` tiles the rows of x into fixed TILE_M-row matrices and runs them through
-`bmm_fixed` in fp32 (bf16 inputs are widened exactly), so a row's output bits do not depend
-on M, on the other rows, or on the row's position. The output is rounded to `out_dtype`.
+`linear` tiles the rows of x into fixed-size row blocks, so a row's output bits do not depend
+on M, on the other rows, or on the row's position. Two products, chosen by dtype only:
+- bf16 in, bf16 out (every projection and expert): plain `torch.mm` calls, which oneDNN runs
+  on AMX-bf16 with fp32 accumulation, over 32-row tiles. Measured here: a 32-row tile gives the
+  same bits with 1, 2, 3, 4, 8 and 16 threads at K up to 4096 (larger tiles at K >= 512 change
+  with the thread count: never use them); for K <= 256 oneDNN does not block K, and every M from
+  1 to 2048 gives the same bits as a 32-row tile with 1, 2 and 4 threads, so there the rows
+  (rounded up to 32) go in one call. tests/test_kernels_invariance.py re-checks both on the
+  machine it runs on.
+- anything else (fp32 out for router and lm_head, fp32 inputs): 32-row fp32 tiles through
+  `bmm_fixed` (bf16 inputs are widened exactly).
+The output is rounded to `out_dtype`.
 """
 from __future__ import annotations
 
@@ -43,6 +52,39 @@ def matmul_rows(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     return out.view(n_tiles * TILE_M, -1)[:m]
 
 
+ONE_CALL_MAX_K = 256
+
+
+def bf16_tile_rows(m: int, k: int) -> int:
+    """Rows per oneDNN call for a bf16 product of m rows with inner size k (see module doc)."""
+    return max(1, -(-m // TILE_M)) * TILE_M if k <= ONE_CALL_MAX_K else TILE_M
+
+
+def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16 @ weight [N, K]ᵀ bf16 -> [M, N] bf16, one fixed-shape mm per row tile;
+    batch-invariant in M and in the thread count."""
+    m, k = x.shape
+    tile = bf16_tile_rows(m, k)
+    n_tiles = max(1, -(-m // tile))
+    if m != n_tiles * tile:
+        xp = x.new_zeros((n_tiles * tile, k))
+        xp[:m] = x
+    else:
+        xp = x.contiguous()
+    out = x.new_empty((n_tiles * tile, weight.shape[0]))
+    w_t = weight.t()
+    for i in range(n_tiles):
+        rows = slice(i * tile, (i + 1) * tile)
+        torch.mm(xp[rows], w_t, out=out[rows])
+    return out[:m]
+
+
+def _forward(x2d: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    if x2d.dtype == weight.dtype == out_dtype == torch.bfloat16:
+        return matmul_rows_bf16(x2d, weight)
+    return matmul_rows(x2d, weight.float().t()).to(out_dtype)
+
+
 class _InvariantLinear(torch.autograd.Function):
     """Forward: the invariant tiled product. Backward: plain GEMMs in the input dtype —
     gradients must be correct, not bit-identical (contract 6), and the plain path is several
@@ -52,7 +94,7 @@ class _InvariantLinear(torch.autograd.Function):
     def forward(ctx, x2d, weight, out_dtype):
         ctx.save_for_backward(x2d, weight)
         with torch.no_grad():
-            return matmul_rows(x2d, weight.float().t()).to(out_dtype)
+            return _forward(x2d, weight, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -78,7 +120,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     """y = x @ weightᵀ. x [..., K] (bf16/fp32), weight [N, K]; fp32 accumulate.
 
     Bitwise invariant to the number of rows, their values and positions, and the thread
-    count (1 or 2 threads, tested). Output dtype: `out_dtype` or x.dtype.
+    count (1, 2 and 4 threads, tested). Output dtype: `out_dtype` or x.dtype.
     """
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
@@ -86,5 +128,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         y = _InvariantLinear.apply(x2d, weight, out_dtype)
     else:
-        y = matmul_rows(x2d, weight.float().t()).to(out_dtype)
+        y = _forward(x2d, weight, out_dtype)
     return y.reshape(*lead, weight.shape[0])
