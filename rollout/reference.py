@@ -5,8 +5,9 @@ The yardstick for parity tests and GPU benchmarks (the production rollout is vLL
 KV cache per softmax layer (blocks handed out from a shuffled free list, so a sequence's
 blocks are not contiguous) and a per-request state slot per linear-attention layer. Prompts
 are prefilled together (optionally chunked), then all unfinished sequences decode one token
-per step. Each request samples with its own seeded generator, so its tokens do not depend on
-which other requests share the batch.
+per step. Each request samples with rollout.sampling (Gumbel-max keyed by the request's seed and
+the token position), exactly as vLLM does through the plugin, so its tokens do not depend on
+which other requests share the batch, and vLLM and this decoder sample the same tokens.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from rl.kernels import BatchMeta
 from rl.model.modeling import BailingMoeLinearV2ForCausalLM
+from rollout.sampling import request_seed, sample
 
 
 @dataclass
@@ -66,17 +68,14 @@ def check_prompts(prompts: list[list[int]], max_len: int, vocab_size: int) -> No
             raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
 
 
-def sample(logprobs_row: torch.Tensor, generator: torch.Generator) -> int:
-    """Draw from exp(logprobs) with the request's own CPU generator (device-independent)."""
-    return int(torch.multinomial(logprobs_row.float().cpu().exp(), 1, generator=generator))
-
-
 @torch.no_grad()
 def generate(model: BailingMoeLinearV2ForCausalLM, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
              block_size: int = 16, prefill_chunk: int | None = None, trace=None) -> list[Generation]:
     """Generate for every prompt; returns tokens and their fp32 logprobs at `temperature`.
 
+    Prompt i samples with seed `rollout.sampling.request_seed(seed, i)`, as RolloutWorker does
+    for `generate(prompts, {"seed": seed}, n=1)`.
     `prefill_chunk` splits prompt prefill into pieces of at most that many tokens per
     sequence (chunked prefill). `trace` (an rl.model.Trace) records activations per call.
     """
@@ -90,7 +89,7 @@ def generate(model: BailingMoeLinearV2ForCausalLM, prompts: list[list[int]], max
     block_table = torch.zeros((num_seqs, blocks_per_seq), dtype=torch.int32)
     state_slot = torch.arange(num_seqs, 0, -1)          # slots in reverse order: index != slot
     gens = [Generation(prompt=list(p)) for p in prompts]
-    generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(num_seqs)]
+    seeds = torch.tensor([request_seed(seed, i) for i in range(num_seqs)], dtype=torch.int64)
     tokens = [list(p) for p in prompts]
     cached = [0] * num_seqs
 
@@ -122,19 +121,21 @@ def generate(model: BailingMoeLinearV2ForCausalLM, prompts: list[list[int]], max
         rows = torch.tensor([pending.index(i) for i in done], dtype=torch.int64)
         pending = [i for i in pending if cached[i] < len(tokens[i])]
         if done:
-            _emit(model, hidden[rows], done, temperature, generators, gens, tokens, eos_token_id, max_new_tokens)
+            _emit(model, hidden[rows], done, temperature, seeds, gens, tokens, eos_token_id, max_new_tokens)
     active = [i for i in range(num_seqs) if gens[i].finish_reason is None]
     while active:
         hidden = step(active, None)
-        _emit(model, hidden, active, temperature, generators, gens, tokens, eos_token_id, max_new_tokens)
+        _emit(model, hidden, active, temperature, seeds, gens, tokens, eos_token_id, max_new_tokens)
         active = [i for i in active if gens[i].finish_reason is None]
     return gens
 
 
-def _emit(model, hidden, seqs, temperature, generators, gens, tokens, eos_token_id, max_new_tokens):
+def _emit(model, hidden, seqs, temperature, seeds, gens, tokens, eos_token_id, max_new_tokens):
     lp = model.log_softmax(hidden, temperature)
+    positions = torch.tensor([len(gens[i].tokens) for i in seqs], dtype=torch.int64)
+    drawn = sample(lp, seeds[list(seqs)], positions).tolist()
     for row, i in enumerate(seqs):
-        tok = sample(lp[row], generators[i])
+        tok = drawn[row]
         gens[i].tokens.append(tok)
         gens[i].logprobs.append(float(lp[row, tok]))
         tokens[i].append(tok)

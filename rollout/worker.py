@@ -30,6 +30,7 @@ import torch
 
 from rollout.batch import RolloutBatch, RolloutSample
 from rollout.engine_log import EngineLog
+from rollout.sampling import SEED_KEY, request_seed
 from rollout.vllm_model import KERNELS_ATTR, TEMPERATURE_ATTR
 
 # vLLM settings the logprob contract depends on; callers may not override them
@@ -41,6 +42,7 @@ FIXED_ENGINE_ARGS = {
     "enforce_eager": True,                  # no torch.compile / graph capture around our kernels
     "worker_extension_cls": "rollout.worker_extension.LockstepWorkerExtension",
     "weight_transfer_config": {"backend": "lockstep_shm"},
+    "logits_processors": ["rollout.vllm_sampler:SeededSampler"],   # per-request seeded sampling
 }
 # vLLM features the plugin does not support (our model is unsharded, unquantised, bf16 KV)
 UNSUPPORTED_ENGINE_ARGS = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "quantization": None,
@@ -56,7 +58,8 @@ ENGINE_DEFAULTS = {
 }
 RPC_TIMEOUT_S = 600.0      # control messages to the engine; a dead engine never answers
 HEALTH_TIMEOUT_S = 20.0
-SAMPLING_KEYS = {"temperature", "max_new_tokens", "seed", "stop_token_ids", "top_p", "top_k", "min_tokens"}
+SAMPLING_KEYS = {"temperature", "max_new_tokens", "seed", "prompt_seeds", "stop_token_ids", "top_p", "top_k",
+                 "min_tokens"}
 
 
 class EngineDead(RuntimeError):
@@ -85,6 +88,7 @@ class RolloutWorker:
             raise ValueError(f"RolloutWorker: kernels={kernels!r}; allowed: {', '.join(K.MODES)}")
         self.kernels = kernels
         self.temperature = self._check_temperature(temperature)
+        self.seed, self._calls = int(seed), 0     # seeds calls that give no `seed`
         self.engine_args = self._engine_args(engine or {}, seed)
         self.checkpoint, self._temp_dir = resolve_model(model, seed)
         from rl.model.config import load_model_config
@@ -234,12 +238,13 @@ class RolloutWorker:
 
         `sampling`: temperature (default: the worker's; 0 = greedy, logprobs then at T = 1),
         max_new_tokens (256), stop_token_ids (pass the EOS id here: there is no tokenizer),
-        top_p, top_k, min_tokens, seed. `seed` reseeds the engine's sampler before the batch,
-        so a fresh worker given the same sequence of calls samples the same tokens; two equal
-        calls on one engine can differ (vLLM reuses batch rows in another order). Per-request
-        seeds are not used: vLLM 0.32 on CPU cannot rewind a request's generator after a
-        partial prefill (RuntimeError "CPU Generator does not use offset"), and chunked
-        prefill produces those."""
+        top_p, top_k, min_tokens, seed, prompt_seeds. Sample j of prompt i is drawn with
+        rollout.sampling (Gumbel-max keyed by a per-request seed and the token position) from
+        seed `request_seed(prompt_seeds[i], 0, j)` when `prompt_seeds` (one int per prompt) is
+        given, else `request_seed(seed, i, j)`; `seed` defaults to (worker seed, call count).
+        So the tokens depend only on the seed, the prompt's index and the logprobs: not on the
+        batch, the engine's scheduling, preemption or a restart.
+        """
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"generate: n must be an int >= 1, got {n!r}")
         sampling = dict(sampling or {})
@@ -251,10 +256,9 @@ class RolloutWorker:
                 raise RuntimeError("generate: the last weight update failed part-way; "
                                    "call update_weights with a complete set first")
             self._set_engine_temperature(temperature or 1.0)
-            if sampling.get("seed") is not None:
-                self._rpc("lockstep_reseed", int(sampling["seed"]))
+            seeds = self._request_seeds(sampling, len(prompts), n)
             started = time.perf_counter()
-            errors, finished = self._run(prompts, params, n)
+            errors, finished = self._run(prompts, params, n, seeds)
             samples = self._collect(prompts, n, errors, finished)
             elapsed = time.perf_counter() - started
             new_tokens = sum(len(s.response_ids) for s in samples)
@@ -268,7 +272,23 @@ class RolloutWorker:
             self._rpc("lockstep_set_temperature", temperature)
             self._engine_temperature = temperature
 
-    def _run(self, prompts, params, n):
+    def _request_seeds(self, sampling: dict, num_prompts: int, n: int) -> list[list[int]]:
+        """seeds[i][j] for sample j of prompt i (see `generate`)."""
+        prompt_seeds = sampling.get("prompt_seeds")
+        if prompt_seeds is not None:
+            if (not isinstance(prompt_seeds, (list, tuple)) or len(prompt_seeds) != num_prompts
+                    or not all(isinstance(s, int) and s >= 0 for s in prompt_seeds)):
+                raise ValueError(f"generate: prompt_seeds must be {num_prompts} ints >= 0 (one per prompt)")
+            return [[request_seed(s, 0, j) for j in range(n)] for s in prompt_seeds]
+        seed = sampling.get("seed")
+        if seed is None:
+            seed = request_seed(self.seed, self._calls)
+        elif not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"generate: seed must be an int >= 0, got {seed!r}")
+        self._calls += 1
+        return [[request_seed(seed, i, j) for j in range(n)] for i in range(num_prompts)]
+
+    def _run(self, prompts, params, n, seeds):
         """Add each sample as its own request (vLLM rejects bad prompts one by one), then run
         the engine until all finish. Returns (errors by (i, j), finished outputs by (i, j))."""
         errors: dict[tuple[int, int], str] = {}
@@ -280,7 +300,10 @@ class RolloutWorker:
                     errors[(i, j)] = error
                     continue
                 try:
-                    (request_id,) = self._llm.enqueue([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+                    request_params = params.clone()
+                    request_params.extra_args = {SEED_KEY: seeds[i][j]}
+                    (request_id,) = self._llm.enqueue([{"prompt_token_ids": prompt}], request_params,
+                                                      use_tqdm=False)
                     # vLLM appends a random suffix internally; outputs carry the external id
                     request_of[request_id.split("-", 1)[0]] = (i, j)
                 except Exception as err:   # vLLM's own input validation: this sample only

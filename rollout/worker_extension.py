@@ -23,11 +23,6 @@ class LockstepWorkerExtension:
         """Temperature of the logprobs `compute_logits` returns (and so of sampling)."""
         self._lockstep_model().temperature = float(temperature)
 
-    def lockstep_reseed(self, seed: int) -> None:
-        """Seed the sampler's generator (requests carry no per-request generator)."""
-        import torch
-        torch.manual_seed(seed)
-
     def lockstep_inject_fault(self, message: str) -> None:
         """Test hook: the next forward raises RuntimeError(message), killing the engine."""
         self._lockstep_model().fault = message

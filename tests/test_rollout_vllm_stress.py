@@ -52,3 +52,7 @@ def test_chunked_prefill_preemption_and_prefix_caching_keep_bitwise_parity(stres
     assert delta["vllm:prefix_cache_hits"] > 0, f"no prefix-cache hit: {delta}"
     problems = mismatches(batch, model, 0.8)
     assert not problems, "rollout logprobs differ from the trainer forward:\n" + "\n".join(problems)
+    # and sampling ignores the scheduling: sample 0 of each prompt is the reference decoder's
+    from rollout.reference import generate
+    expected = [g.tokens for g in generate(model, prompts, 48, temperature=0.8, seed=round_)]
+    assert [s.response_ids for s in batch.samples if s.sample_index == 0] == expected

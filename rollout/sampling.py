@@ -1,0 +1,80 @@
+"""Seeded sampling that depends on nothing but the request: shared by vLLM and the reference.
+
+A sampled token is a pure function of (its logprob row, the request's seed, the token's position
+in the response): the argmax over the vocabulary of `logprob + Gumbel noise`, the noise drawn
+from a counter-based hash of (seed, position, token id). There is no generator state, so
+the token does not depend on which requests share the batch, on scheduling, chunked prefill,
+preemption, engine restarts or vLLM's own RNG: a resumed RL run samples what the uninterrupted
+run sampled, and the reference decoder samples what vLLM samples from the same logprobs.
+(Gumbel-max draws token t with probability exp(logprob_t) when the logprobs are normalised.)
+
+vLLM applies it through `SeededSampler`, a logits processor (`logits_processors` engine arg)
+that turns each seeded row into a one-hot the engine's sampler can only pick one way; the
+logprob vLLM returns is taken before processors run (`logprobs_mode="raw_logits"`), so it is
+still rl.kernels' number. top_k / top_p are applied here, on the logprobs, before the draw.
+"""
+from __future__ import annotations
+
+import torch
+
+SEED_KEY = "lockstep_seed"          # SamplingParams.extra_args key carrying a request's seed
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply rounds) on int64 tensors holding values < 2^32.
+    Every product stays below 2^63, so nothing relies on integer overflow."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    return int(_mix32(torch.tensor([x & _M32], dtype=torch.int64))[0])
+
+
+def request_seed(seed: int, prompt_index: int, sample_index: int = 0) -> int:
+    """The seed of sample `sample_index` of prompt `prompt_index` in a call seeded `seed`."""
+    h = _mix32_int(seed & _M32)
+    h = _mix32_int(h ^ ((seed >> 32) & _M32))
+    h = _mix32_int(h ^ (prompt_index & _M32))
+    lo = _mix32_int(h ^ (sample_index & _M32))
+    hi = _mix32_int(lo ^ 0x9E3779B9)
+    return ((hi & 0x7FFFFFFF) << 32) | lo
+
+
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float64 [R, vocab] Gumbel(0, 1) noise; row r is a function of (seeds[r], positions[r])."""
+    device = seeds.device
+    seeds, positions = seeds.to(torch.int64), positions.to(torch.int64)
+    row = _mix32(_mix32((seeds & _M32) ^ _mix32(seeds >> 32)) ^ (positions & _M32))
+    tok = torch.arange(vocab, dtype=torch.int64, device=device)
+    bits = _mix32(row[:, None] ^ _mix32(tok + 0x2545F491)[None, :])
+    u = (bits.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)      # in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def restrict(logprobs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set tokens outside each row's top-k (0 = all) and top-p nucleus to -inf."""
+    if bool((top_k <= 0).all()) and bool((top_p >= 1.0).all()):
+        return logprobs
+    vocab = logprobs.shape[-1]
+    ordered, order = logprobs.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(vocab, device=logprobs.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab).to(logprobs.device)[:, None]
+    probs = ordered.double().exp()
+    before = probs.cumsum(-1) - probs                         # mass of the better tokens
+    keep = (rank < k) & ((before < top_p.to(logprobs.device).double()[:, None]) | (rank == 0))
+    return logprobs.masked_fill(~keep.scatter(-1, order, keep), float("-inf"))
+
+
+def sample(logprobs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+           top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Token ids [R] drawn from normalised logprobs [R, V] (any float dtype, -inf = excluded)."""
+    rows = logprobs.shape[0]
+    if top_k is not None or top_p is not None:
+        top_k = torch.zeros(rows, dtype=torch.int64) if top_k is None else top_k
+        top_p = torch.ones(rows, dtype=torch.float64) if top_p is None else top_p
+        logprobs = restrict(logprobs, top_k, top_p)
+    noise = gumbel_noise(seeds.to(logprobs.device), positions.to(logprobs.device), logprobs.shape[-1])
+    return (logprobs.double() + noise).argmax(dim=-1)
