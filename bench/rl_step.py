@@ -41,9 +41,10 @@ def main() -> int:
         if len(steps) == 2:           # one separate forward over a step-sized batch, for scale
             import time
             import torch
-            batch = {"input_ids": torch.randint(4, 100, (cfg.rollout.prompts_per_step * cfg.rollout.n_samples, 10)),
-                     "lengths": torch.full((cfg.rollout.prompts_per_step * cfg.rollout.n_samples,), 10),
-                     "temperature": cfg.rollout.temperature}
+            rows = cfg.rollout.prompts_per_step * cfg.rollout.n_samples
+            length = 16 + int(round(metrics["response/mean_length"]))     # prompt ~16 tokens + response
+            batch = {"input_ids": torch.randint(4, 100, (rows, length)),
+                     "lengths": torch.full((rows,), length), "temperature": cfg.rollout.temperature}
             t0 = time.perf_counter()
             run.actor.forward_logprobs(batch)
             extra["recompute_forward_s"] = time.perf_counter() - t0
