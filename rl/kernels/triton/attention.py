@@ -14,6 +14,9 @@ compute with identical roundings. New K/V are written to the cache (cache dtype 
 model dtype) before the kernel reads them; without a cache (the trainer) K/V are read from
 the inputs, which are the same values.
 
+Tiles are launched longest-walk first (scheduling only). Scores are kept in log2 units
+(`EXP2`), the same for every row of every call.
+
 Gradients (trainer, no cache): recomputed through torch SDPA on padded sequences.
 """
 from __future__ import annotations
@@ -27,20 +30,31 @@ from rl.kernels.batch import BatchMeta
 from rl.kernels.triton.autograd import with_reference_grad
 from rl.kernels.triton.matmul import MODE_BF16, MODE_IEEE, mm_acc
 
+LOG2E = 1.4426950408889634
 BLOCK_M = 64     # query rows (token x head-in-group) per tile
 BLOCK_N = 64     # keys per block, aligned to position 0
 NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 3
+# Scores pre-scaled by log2(e) and exp2 instead of exp: one multiply less per score, which
+# without FMA contraction is a separate instruction; -23% prefill time on an H200 (3 stages:
+# another -15% prefill, -7% decode; bench --only tune). Same bits for prefill and decode, as
+# both run this kernel.
+EXP2 = True
 
 
 @triton.jit
-def _attn_block(acc, m_i, l_i, q, k, v, p, qpos, scale, MASKED: tl.constexpr, MODE: tl.constexpr):
+def _attn_block(acc, m_i, l_i, q, k, v, p, qpos, scale, MASKED: tl.constexpr, MODE: tl.constexpr,
+                USE_EXP2: tl.constexpr):
     s = mm_acc(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), dtype=tl.float32), MODE) * scale
     if MASKED:
         s = tl.where(p[None, :] <= qpos[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp(m_i - m_new)
-    pr = tl.exp(s - m_new[:, None])
+    if USE_EXP2:
+        alpha = tl.exp2(m_i - m_new)
+        pr = tl.exp2(s - m_new[:, None])
+    else:
+        alpha = tl.exp(m_i - m_new)
+        pr = tl.exp(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(pr, 1)
     acc = mm_acc(pr.to(v.dtype), v, acc * alpha[:, None], MODE)
     return acc, m_new, l_i
@@ -67,8 +81,10 @@ def _load_kv(k_ptr, v_ptr, cache_ptr, bt_ptr, seq, start, kvh, p, kv_end, d,
 def _attn_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, o_ptr, tile_seq_ptr, tile_tok_ptr, qsl_ptr, ctx_ptr, bt_ptr,
                  s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh, s_cb, s_ch, s_cs, s_bt, scale,
                  GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PAGE: tl.constexpr, PAGED: tl.constexpr, MODE: tl.constexpr):
-    tile = tl.program_id(0)
+                 PAGE: tl.constexpr, PAGED: tl.constexpr, MODE: tl.constexpr, USE_EXP2: tl.constexpr):
+    # Tiles run last-first: a sequence's late tiles walk the most keys, so starting them first
+    # leaves short tiles for the tail of the launch (scheduling only; no arithmetic changes).
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
     if seq >= 0:
@@ -100,12 +116,12 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, o_ptr, tile_seq_ptr, tile_tok_p
             p = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             k, v = _load_kv(k_ptr, v_ptr, cache_ptr, bt_ptr, seq, start, kvh, p, kv_end, d,
                             s_kn, s_kh, s_vn, s_vh, s_cb, s_ch, s_cs, s_bt, D, PAGE, PAGED)
-            acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, k, v, p, qpos, scale, False, MODE)
+            acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, k, v, p, qpos, scale, False, MODE, USE_EXP2)
         for blk in range(n_open, tl.cdiv(kv_end, BLOCK_N)):
             p = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             k, v = _load_kv(k_ptr, v_ptr, cache_ptr, bt_ptr, seq, start, kvh, p, kv_end, d,
                             s_kn, s_kh, s_vn, s_vh, s_cb, s_ch, s_cs, s_bt, D, PAGE, PAGED)
-            acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, k, v, p, qpos, scale, True, MODE)
+            acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, k, v, p, qpos, scale, True, MODE, USE_EXP2)
         out = acc / l_i[:, None]
         tl.store(o_ptr + q_rows[:, None] * s_on + head[:, None] * s_oh + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -176,8 +192,8 @@ def _attention_fast(q, k, v, batch: BatchMeta, kv_cache, scale):
     _attn_kernel[(max_tiles, hkv)](
         q, k, v, cache, o, tile_seq, tile_tok, batch.query_start_loc, batch.context_lens, bt,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), *cs, s_bt, scale,
-        GROUP=group, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=page, PAGED=paged, MODE=mode,
+        o.stride(0), o.stride(1), *cs, s_bt, scale * LOG2E if EXP2 else scale,
+        GROUP=group, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=page, PAGED=paged, MODE=mode, USE_EXP2=EXP2,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=False)
     return o
 

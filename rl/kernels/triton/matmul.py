@@ -127,11 +127,18 @@ def gemm_config(n: int, k: int, mode: int) -> dict:
     if mode in (MODE_SPLIT_A, MODE_SPLIT_B):
         return dict(BLOCK_M=128, BLOCK_N=64 if n <= 512 else 128, BLOCK_K=64, GROUP_M=8,
                     num_warps=8, num_stages=3)
-    # Wide N (qkv 6144, lm_head): 128x256 tiles, 12-18% faster than 128x128 at M >= 4096 on
-    # an H200 and the same bits (the per-element k16 tensor-core steps do not depend on the
-    # tile shape: 128x128, 64x64, 64x128, 128x64, 128x256, 64x32 all gave equal bits). Narrow
-    # N (2048 and below) keeps 128x128: with 256-wide tiles too few programs start at small M.
-    return dict(BLOCK_M=128, BLOCK_N=256 if n >= 4096 else 128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    # bf16: the tile shape never changes a bit (the per-element k16 tensor-core steps do not
+    # depend on it: 128x256, 128x128, 64x256, 64x128, 64x64, 128x64 and BK 128 gave the bits
+    # of the shipped config on an H200), only the speed; H200 timings (kernels_gpu_h200_tune1.json):
+    #   N >= 4096 (qkv 6144, lm_head): 128x256, 4 stages (3 stages: 1-13% slower, by M).
+    #   2048 <= N < 4096: 64x256, 4 stages: at M <= 64 10-30% faster than 128x128 with 4 stages
+    #   (more programs at small M), within 5% from M = 256 up.
+    #   narrower N: 128x128, 4 stages (more N tiles for small M).
+    if n >= 4096:
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    if n >= 2048:
+        return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,9 +157,10 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, config: 
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
         return c
+    per_sm = cfg.pop("PROGS_PER_SM", 1)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     dev = a.device.index if a.device.type == "cuda" else 0
-    progs = max(1, min(num_sms(dev), tiles))
+    progs = max(1, min(per_sm * num_sms(dev), tiles))
     _gemm_kernel[(progs,)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                            c.stride(0), c.stride(1), progs, MODE=mode, **cfg)
     return c

@@ -66,14 +66,24 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous().view(-1, 1, x.shape[-1])
 
 
+# (rows per program, warps) by padded row length; overridable for tuning (bench/kernels_gpu.py
+# --only tune). A row's reduction tree depends on these, so they depend on D alone.
+NORM_CONFIGS: dict[int, tuple[int, int]] = {}
+
+
+def norm_config(block_d: int) -> tuple[int, int]:
+    if block_d in NORM_CONFIGS:
+        return NORM_CONFIGS[block_d]
+    return max(1, min(16, 4096 // block_d)), (4 if block_d <= 1024 else 8)
+
+
 def _rms_norm_fast(x, weight, eps):
     d = x.shape[-1]
     x3 = _as_3d(x)
     y = torch.empty(x3.shape, dtype=x.dtype, device=x.device)
     n_rows = x3.shape[0] * x3.shape[1]
     block_d = triton.next_power_of_2(d)
-    rows = max(1, min(16, 4096 // block_d))
-    warps = 4 if block_d <= 1024 else 8
+    rows, warps = norm_config(block_d)
     if n_rows:
         _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
             x3, weight, y, n_rows, x3.shape[1], x3.stride(0), x3.stride(1), y.stride(0), y.stride(1),
