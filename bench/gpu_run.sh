@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one command sent to the lent GPU machine (device tool `run`, carry [".whl"]):
-#   [PYTEST_K='pytest -k expr'] [MISMATCH_KERNELS=lockstep|stock] bash bench/gpu_run.sh [all|tests,mismatch,bench] [bench --only list]
+#   [PYTEST_K='pytest -k expr'] [MISMATCH_KERNELS=lockstep|stock] bash bench/gpu_run.sh [all|tests,mismatch,bench,cli] [bench --only list]
 # Installs the carried fla-core / liger-kernel wheels, then runs the GPU contract tests,
-# `lockstep mismatch` on the GPU and the kernel benchmark; logs and JSON go to $OUT.
+# `lockstep mismatch` on the GPU, the kernel benchmark and the real CLI (`python3 -m rl.cli
+# mismatch --device cuda`, tiny config); logs and JSON go to $OUT.
+# Tuning tables: `TUNE=rmsnorm,attention,gemm,lightning bash bench/gpu_run.sh bench tune`.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/lockstep-gpu-out}
@@ -26,5 +28,9 @@ if [[ $STAGE == all || ",$STAGE," == *",mismatch,"* ]]; then
 fi
 if [[ $STAGE == all || ",$STAGE," == *",bench,"* ]]; then
   python3 bench/kernels_gpu.py --out "$OUT/kernels_gpu_h200.json" ${ONLY:+--only $ONLY} 2>&1 | tee "$OUT/bench.log" || status=1
+fi
+if [[ $STAGE == all || ",$STAGE," == *",cli,"* ]]; then
+  python3 -m rl.cli mismatch --model configs/model/tiny.json --backend reference --device cuda \
+    --prompts 4 --max-new-tokens 24 --json "$OUT/cli_mismatch.json" 2>&1 | tee "$OUT/cli.log" || status=1
 fi
 exit $status

@@ -3,11 +3,11 @@ Ring-mini-linear-2.0 layer-group slice, with lockstep and with stock kernels.
 
     python tests/gpu/mismatch_gpu.py --out mismatch_gpu.json
 
-Runs `alignment.mismatch.run_mismatch` (the function behind the CLI) with two adaptations for
-a CUDA device, applied here rather than in the CLI: the model is built on the GPU (the CLI's
-loader builds on the CPU), and the reference decoder's sampler draws on the CPU from the
-GPU row (its per-request generators are CPU generators). Expected: lockstep reads 0.0 with
-every token bit-equal; stock reads non-zero and names the first divergent component.
+Runs `alignment.mismatch.run_mismatch` (the function behind the CLI) with `device="cuda"`; the
+model comes from `test_model_gpu.build_model` (built on the GPU, `:slice` configs included)
+instead of the CLI's loader. The reference decoder's sampler (rollout.sampling, keyed
+Gumbel-max) needs no adaptation. Expected: lockstep reads 0.0 with every token bit-equal;
+stock reads non-zero and names the first divergent component.
 """
 from __future__ import annotations
 
@@ -25,13 +25,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 
 import alignment.mismatch as mismatch  # noqa: E402
-import rollout.reference as reference  # noqa: E402
 from rl import kernels as K  # noqa: E402
 from test_model_gpu import build_model, model_config_path  # noqa: E402
-
-
-def _sample_on_cpu(logprobs_row, generator):
-    return int(torch.multinomial(logprobs_row.float().exp().cpu(), 1, generator=generator))
 
 
 def main() -> int:
@@ -39,8 +34,7 @@ def main() -> int:
     ap.add_argument("--out", default="mismatch_gpu.json")
     ap.add_argument("--kernels", default="lockstep,stock", help="comma list of kernel modes to run")
     args = ap.parse_args()
-    mismatch.load_model = lambda path: build_model(Path(path))
-    reference.sample = _sample_on_cpu
+    mismatch.load_model = lambda path, device="cuda", **_: build_model(Path(path))   # builds on the GPU
     tmp = Path(tempfile.mkdtemp())
     runs = [("small", 16, 32), ("ring-mini-linear-2.0:slice", 6, 12)]
     results, failed = [], False
@@ -49,7 +43,7 @@ def main() -> int:
         for kernels in args.kernels.split(","):
             t0 = time.time()
             try:
-                res = mismatch.run_mismatch(str(path), "reference", prompts, new_tokens, 1, 1.0, 0, kernels, 3)
+                res = mismatch.run_mismatch(str(path), "reference", prompts, new_tokens, 1, 1.0, 0, kernels, 3, device="cuda")
                 res["config"] = name
                 res["seconds"] = time.time() - t0
                 ok = (res["max_abs_logprob_diff"] == 0.0 and res["frac_bitwise_equal"] == 1.0) if kernels == "lockstep" \
