@@ -19,6 +19,15 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (2 cores shared with other jobs: avoids OpenMP oversubscription stalls)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from rl.model.checkpoint import load_model

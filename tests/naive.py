@@ -125,3 +125,25 @@ def assert_close(actual, expected, what, rtol=2e-3, atol=2e-5):
         worst = int(excess.reshape(-1).argmax())
         raise AssertionError(f"{what}: max err {err.max():.3e}; worst flat index {worst}: "
                              f"{actual.reshape(-1)[worst].item():.6g} vs {expected.reshape(-1)[worst].item():.6g}")
+
+
+def float64_twin(model):
+    """A deep copy of `model` whose state_dict() returns float64 leaf copies of its tensors
+    (model_logprobs reads parameters through state_dict()): (twin, {name: float64 leaf})."""
+    import copy
+    twin = copy.deepcopy(model)
+    params = {k: v.detach().double().requires_grad_(True) for k, v in twin.state_dict().items()}
+    twin.state_dict = lambda: params
+    return twin, params
+
+
+def assert_grads_match(named_params, params64, min_checked=20, rtol=2e-2, atol=2e-4):
+    """Every parameter with a float64 reference gradient matches it within tolerance."""
+    checked = 0
+    for name, p in named_params:
+        if params64[name].grad is None:
+            continue
+        assert_close(p.grad, params64[name].grad, f"grad {name}", rtol=rtol, atol=atol)
+        checked += 1
+    assert checked >= min_checked, f"only {checked} parameters had a reference gradient"
+

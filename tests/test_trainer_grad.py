@@ -2,7 +2,6 @@
 (`trainer.step.accumulate`, global denominators, PPO clip + KL loss from rl.algos) on the tiny
 model in fp32 against autograd of a float64 reference (tests/naive.py), within a tolerance.
 Gradients are not bitwise anything (DESIGN.md §2.6)."""
-import copy
 
 import pytest
 import torch
@@ -18,13 +17,7 @@ from trainer.step import PlainEngine, accumulate
 from trainer.synthetic import random_batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 cores shared with other jobs: one intra-op thread avoids OpenMP oversubscription stalls
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model():
@@ -67,19 +60,11 @@ def test_policy_loss_grad_matches_float64_reference(agg):
     assert 0.05 < clipfrac < 0.95, f"clip should be active on some tokens, clipfrac={clipfrac}"
 
     # reference: float64 forward of each sequence, the same loss on the whole batch at once
-    m64 = copy.deepcopy(model)
-    params64 = {k: v.detach().double().requires_grad_(True) for k, v in m64.state_dict().items()}
-    m64.state_dict = lambda: params64     # naive.model_logprobs reads parameters from state_dict()
+    m64, params64 = naive.float64_twin(model)
     ref_lp = _reference_logprobs(m64, batch)
     loss64, _ = compute_policy_loss(ref_lp, batch["old_logprobs"].double(), batch["advantages"].double(),
                                     mask, algo, ref_logprobs=batch["ref_logprobs"].double())
     loss64.backward()
     assert_close(torch.tensor(metrics.result(1)["loss"]), loss64.detach(), "policy loss", rtol=1e-3, atol=1e-5)
 
-    checked = 0
-    for name, p in model.named_parameters():
-        if params64[name].grad is None:
-            continue
-        assert_close(p.grad, params64[name].grad, f"grad {name}", rtol=2e-2, atol=2e-4)
-        checked += 1
-    assert checked >= 20
+    naive.assert_grads_match(model.named_parameters(), params64)

@@ -9,19 +9,13 @@ from trainer.group import TrainerGroup, free_port
 from trainer.synthetic import random_batch
 from trainer.worker import TrainerWorker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 CFG = {"zero_stage": 3, "micro_batch_size": 2, "lr": 1e-3, "num_threads": 1, "seed": 0, "grad_clip": 1.0}
 ALGO = {"name": "grpo", "clip_high": 0.28}
 STEPS = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

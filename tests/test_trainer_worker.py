@@ -12,15 +12,11 @@ from trainer.group import free_port
 from trainer.synthetic import random_batch
 from trainer.worker import TrainerWorker
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BASE = {"micro_batch_size": 3, "lr": 1e-3, "num_threads": 1, "seed": 0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make(role="actor", algo=None, **cfg):
