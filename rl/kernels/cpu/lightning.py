@@ -8,8 +8,11 @@ start:
 and at the end of a full window  S ← λ^C S + Σ_s λ^{C-1-s} k_sᵀ v_s.
 Decode keeps exactly this: the per-request state holds S at the last window boundary plus
 the k/v of the ≤C-1 tokens since (fp32), and computes o_t as the window form does, with the
-same fixed-shape products (`bmm_fixed` over [C, D] tiles). So a token's bits are the same
-from a full forward, prefill + decode, chunked prefill at any split, or a recompute.
+same fixed-shape products: queries in tiles of Q_TILE rows of a window (`bmm_fixed` over
+[Q_TILE, D] x [D, C], [Q_TILE, C] x [C, D] and [Q_TILE, D] x [D, D]), the window's state
+update as [D, C] x [C, D]. So a token's bits are the same from a full forward, prefill + decode,
+chunked prefill at any split, or a recompute. Only the query tiles that hold new tokens are
+computed, and only full windows' state updates: a decode step computes one tile, not C rows.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import torch
 
 from rl.kernels.batch import BatchMeta
 from rl.kernels.cpu.matmul import bmm_fixed
+
+Q_TILE = 16      # query rows per product (a window's C rows are C / Q_TILE tiles)
 
 
 def decay_tables(log_decay: torch.Tensor, chunk: int):
@@ -45,6 +50,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     """
     n, h, d = q.shape
     c = chunk_size
+    tq = Q_TILE if c % Q_TILE == 0 else c
     dev = q.device
     num_seqs = batch.num_seqs
     q_lens, ctx = batch.query_lens, batch.context_lens
@@ -55,63 +61,87 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     used = pend_lens + q_lens                                 # window positions in use
     num_windows = max(1, -(-int(used.max()) // c))
     length = num_windows * c
+    heads = torch.arange(h, device=dev)[None, :]
 
-    zeros_state = q.new_zeros((num_seqs, h, d, d), dtype=torch.float32)
+    # k/v of each sequence's windows [B, H, length, D] fp32, the state's pending tokens first.
+    # Positions past a sequence's last token are zero: never written here, and the pending
+    # buffer this function stores is zero past its tokens (a new request's slot is cleared).
+    where = (seq_idx[:, None], heads, offset[:, None])
     if state is None:
         if int(ctx.max()) != 0:
             raise ValueError("lightning_attention: context_lens > 0 needs a state")
-        s0 = zeros_state
-        kw = q.new_zeros((num_seqs, length, h, d), dtype=torch.float32)
-        vw = torch.zeros_like(kw)
-    else:
+        s0 = q.new_zeros((num_seqs, h, d, d), dtype=torch.float32)
+        kw = q.new_zeros((num_seqs, h, length, d), dtype=torch.float32).index_put(where, k.float())
+        vw = q.new_zeros((num_seqs, h, length, d), dtype=torch.float32).index_put(where, v.float())
+    else:                               # rollout (no autograd): fill buffers in place
         s_pool, pend_pool = state
-        fresh = (ctx == 0)[:, None, None, None]
-        s0 = torch.where(fresh, zeros_state, s_pool[batch.state_indices])
+        s0 = s_pool[batch.state_indices]
         pend = pend_pool[batch.state_indices]                  # [B, H, C, 2D]
-        keep = torch.arange(c, device=dev)[None, :] < pend_lens[:, None]
-        pend = torch.where(keep[:, None, :, None], pend, torch.zeros((), device=dev))
-        kw = q.new_zeros((num_seqs, length, h, d), dtype=torch.float32)
-        vw = torch.zeros_like(kw)
-        kw[:, :c] = pend[..., :d].transpose(1, 2)
-        vw[:, :c] = pend[..., d:].transpose(1, 2)
-    kw = kw.index_put((seq_idx, offset), k.float())
-    vw = vw.index_put((seq_idx, offset), v.float())
-    qw = q.new_zeros((num_seqs, length, h, d), dtype=torch.float32)
-    qw = qw.index_put((seq_idx, offset), q.float() * (d ** -0.5))
-
+        if num_windows == 1:            # decode and short chunks: the windows are the pending buffer
+            kw, vw = pend[..., :d], pend[..., d:]
+        else:
+            kw = q.new_zeros((num_seqs, h, length, d), dtype=torch.float32)
+            vw = torch.zeros_like(kw)
+            kw[:, :, :c] = pend[..., :d]
+            vw[:, :, :c] = pend[..., d:]
+        fresh = (ctx == 0).nonzero()[:, 0]
+        if fresh.numel():                # the slot holds whatever its previous owner left
+            s0[fresh] = 0.0
+            kw[fresh, :, :c] = 0.0
+            vw[fresh, :, :c] = 0.0
+        kw.index_put_(where, k.float())
+        vw.index_put_(where, v.float())
+    kwin = kw.unflatten(2, (num_windows, c))                   # [B, H, W, C, D]
+    vwin = vw.unflatten(2, (num_windows, c))
     q_decay, k_decay, intra_mask, window_decay = decay_tables(log_decay, c)
-    # [B, H, W, C, D]
-    qw, kw, vw = (t.view(num_seqs, num_windows, c, h, d).permute(0, 3, 1, 2, 4) for t in (qw, kw, vw))
-    g = num_seqs * h * num_windows
-    scores = bmm_fixed(qw.reshape(g, c, d), kw.transpose(-1, -2).reshape(g, d, c))
-    scores = scores.view(num_seqs, h, num_windows, c, c) * intra_mask[None, :, None]
-    intra = bmm_fixed(scores.reshape(g, c, c), vw.reshape(g, c, d)).view(num_seqs, h, num_windows, c, d)
 
-    # state at the start of each window, sequentially; only full windows advance it
-    kv_update = bmm_fixed((kw * k_decay[None, :, None, :, None]).transpose(-1, -2).reshape(g, d, c),
-                          vw.reshape(g, c, d)).view(num_seqs, h, num_windows, d, d)
+    # the state at each window start; a full window advances it by its k/v product, computed
+    # only for full windows (a decode step rarely completes one)
     window_full = ((torch.arange(num_windows, device=dev)[None, :] + 1) * c) <= used[:, None]
+    full_seq, full_win = window_full.nonzero(as_tuple=True)
+    if full_seq.numel():
+        kf = kwin[full_seq, :, full_win] * k_decay[None, :, :, None]             # [F, H, C, D]
+        kv = bmm_fixed(kf.transpose(-1, -2).reshape(-1, d, c),
+                       vwin[full_seq, :, full_win].reshape(-1, c, d)).view(-1, h, d, d)
     starts, s = [], s0
     for w in range(num_windows):
         starts.append(s)
-        advanced = window_decay[None, :, None, None] * s + kv_update[:, :, w]
-        s = torch.where(window_full[:, w, None, None, None], advanced, s)
-    s_start = torch.stack(starts, dim=2)                       # [B, H, W, D, D]
-    inter = bmm_fixed((qw * q_decay[None, :, None, :, None]).reshape(g, c, d), s_start.reshape(g, d, d))
-    out = inter.view(num_seqs, h, num_windows, c, d) + intra
-    out = out.permute(0, 2, 3, 1, 4).reshape(num_seqs, length, h, d)
+        sel = (full_win == w).nonzero()[:, 0]
+        if sel.numel():
+            rows = full_seq[sel]
+            s = s.index_put((rows,), window_decay[None, :, None, None] * s[rows] + kv[sel])
+
+    # outputs only for the query tiles (tq rows of a window) that hold new tokens
+    tiles_per_window, tiles_per_seq = c // tq, length // tq
+    tiles, token_tile = torch.unique(seq_idx * tiles_per_seq + offset // tq, return_inverse=True)
+    t_seq, t_idx = tiles // tiles_per_seq, tiles % tiles_per_seq
+    t_win, t_in = t_idx // tiles_per_window, t_idx % tiles_per_window
+    u = tiles.numel()
+    row = (offset % tq)[:, None]
+    qt = q.new_zeros((u, h, tq, d), dtype=torch.float32)
+    qt = qt.index_put((token_tile[:, None], heads, row), q.float() * (d ** -0.5))       # [U, H, tq, D]
+    one_tile_each = num_windows == 1 and u == num_seqs         # decode: tile i is sequence i's
+    if one_tile_each:
+        kt, vt, s_tiles = kw, vw, starts[0]
+    else:
+        kt, vt = kwin[t_seq, :, t_win], vwin[t_seq, :, t_win]                           # [U, H, C, D]
+        s_tiles = starts[0][t_seq] if num_windows == 1 else torch.stack(starts, 1)[t_seq, t_win]
+    scores = bmm_fixed(qt.reshape(-1, tq, d), kt.transpose(-1, -2).reshape(-1, d, c)).view(u, h, tq, c)
+    scores = scores * intra_mask.view(h, tiles_per_window, tq, c)[:, t_in].transpose(0, 1)
+    intra = bmm_fixed(scores.reshape(-1, tq, c), vt.reshape(-1, c, d)).view(u, h, tq, d)
+    q_dec = q_decay.view(h, tiles_per_window, tq)[:, t_in].transpose(0, 1)[..., None]  # [U, H, tq, 1]
+    inter = bmm_fixed((qt * q_dec).reshape(-1, tq, d), s_tiles.reshape(-1, d, d)).view(u, h, tq, d)
+    out = (inter + intra)[token_tile[:, None], heads, row]     # [N, H, D]
 
     if state is not None:
-        with torch.no_grad():
-            rem = used % c
-            last = torch.clamp(used - rem, max=length - c)      # start of the partial window
-            idx = last[:, None] + torch.arange(c, device=dev)[None, :]
-            kw_flat = kw.permute(0, 2, 3, 1, 4).reshape(num_seqs, length, h, d)
-            vw_flat = vw.permute(0, 2, 3, 1, 4).reshape(num_seqs, length, h, d)
-            new_pend = torch.cat([kw_flat[torch.arange(num_seqs)[:, None], idx],
-                                  vw_flat[torch.arange(num_seqs)[:, None], idx]], -1)  # [B, C, H, 2D]
-            live = torch.arange(c, device=dev)[None, :] < rem[:, None]
-            new_pend = torch.where(live[:, :, None, None], new_pend, torch.zeros((), device=dev))
-            s_pool[batch.state_indices] = s
-            pend_pool[batch.state_indices] = new_pend.transpose(1, 2).contiguous()
-    return out[seq_idx, offset].to(q.dtype)
+        rem = used % c
+        if num_windows == 1:
+            new_pend = pend                                   # kw, vw were written into it
+        else:
+            last = torch.clamp(used - rem, max=length - c) // c   # the partial window (if any)
+            seqs = torch.arange(num_seqs, device=dev)
+            new_pend = torch.cat([kwin[seqs, :, last], vwin[seqs, :, last]], -1)  # [B, H, C, 2D]
+        new_pend[rem == 0] = 0.0                              # no partial window: empty
+        s_pool[batch.state_indices] = s
+        pend_pool[batch.state_indices] = new_pend
+    return out.to(q.dtype)
