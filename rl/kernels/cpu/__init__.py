@@ -2,15 +2,17 @@
 
 What breaks invariance in plain torch on CPU, measured here, and what we do instead:
   - `torch.mm` picks its blocking and threading from M (fp32 rows differ for M<16 vs 1000;
-    with 2 threads a lone GEMM splits work differently from one GEMM of a batch):
-    every contraction goes through `matmul.bmm_fixed` — fixed per-matrix shapes (rows
-    padded to a fixed tile), at least two matrices per call so threads split the batch.
+    bf16 rows differ at M=64 and 257; with 2 threads a lone GEMM splits work differently):
+    every contraction has a fixed per-matrix shape — bf16 projections one oneDNN (AMX) call
+    per fixed 32-row tile (`matmul.linear`), fp32 products through `matmul.bmm_fixed` (rows
+    padded to a fixed tile, at least two matrices per call so threads split the batch).
   - `torch.sigmoid`, `F.silu` and `torch.pow` take a scalar path for the tail of a
     vector loop, so an element's bits depend on its position in the tensor: we build them
     from `exp`, `+`, `/` and `*`, which are position-independent (tests/test_kernels_*).
   - softmax rows of different lengths reduce in different orders: attention uses the exact
     row max (order-free) and sums in fixed-size blocks, in order.
 """
+from rl.kernels.cpu.malloc import keep_heap_top
 from rl.kernels.cpu.matmul import linear
 from rl.kernels.cpu.norm import gated_group_rms_norm, rms_norm
 from rl.kernels.cpu.rope import rope
@@ -19,6 +21,8 @@ from rl.kernels.cpu.lightning import lightning_attention
 from rl.kernels.cpu.moe import moe_experts, moe_route
 from rl.kernels.cpu.logprobs import log_softmax_logits, logprobs
 from rl.kernels.cpu.elementwise import sigmoid, silu
+
+keep_heap_top()
 
 __all__ = ["linear", "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention",
            "lightning_attention", "moe_route", "moe_experts", "log_softmax_logits", "logprobs",

@@ -22,6 +22,8 @@ The output is rounded to `out_dtype`.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +47,8 @@ def matmul_rows(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     n_tiles = max(1, -(-m // TILE_M))
     if x.requires_grad:
         xp = F.pad(x.float(), (0, 0, 0, n_tiles * TILE_M - m))
+    elif m == n_tiles * TILE_M and x.dtype == torch.float32 and x.is_contiguous():
+        xp = x                  # already whole fp32 tiles: no copy
     else:                       # one copy: widen into the padded buffer
         xp = x.new_zeros((n_tiles * TILE_M, k), dtype=torch.float32)
         xp[:m] = x
@@ -112,8 +116,12 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     vector: ATen's own reduction kernels pick their vectorisation from the whole tensor's
     shape, and a short row (D = 32, 64) was seen to sum differently in different calls."""
     d = x.shape[-1]
-    ones = torch.ones((d, 1), dtype=torch.float32, device=x.device)
-    return matmul_rows(x.reshape(-1, d), ones).reshape(x.shape[:-1])
+    return matmul_rows(x.reshape(-1, d), _ones_column(d, x.device)).reshape(x.shape[:-1])
+
+
+@functools.lru_cache(maxsize=64)
+def _ones_column(d: int, device: torch.device) -> torch.Tensor:
+    return torch.ones((d, 1), dtype=torch.float32, device=device)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -12,15 +12,15 @@ from rl.kernels.cpu.matmul import row_sum
 
 
 def _normalize(x2d: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x2d.float().contiguous()
-    mean_sq = row_sum(xf * xf)[:, None] / xf.shape[-1]
-    return xf * torch.rsqrt(mean_sq + eps)
+    xf = x2d.float()
+    mean_sq = row_sum(xf * xf)[:, None].div_(xf.shape[-1])
+    return xf * mean_sq.add_(eps).rsqrt_()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D], weight [D] -> x.dtype. Per-head q/k norm is x [N, H, D] with weight [D]."""
     d = x.shape[-1]
-    y = _normalize(x.reshape(-1, d), eps) * weight.float()
+    y = _normalize(x.reshape(-1, d), eps) * weight           # bf16 weight promotes exactly
     return y.reshape(x.shape).to(x.dtype)
 
 
