@@ -2,7 +2,9 @@
 
 Every query row walks its sequence's keys in fixed blocks of BLOCK_K logical positions,
 starting at position 0, whatever the call shape:
-  1. scores = (q · k) * scale per (TILE_Q-row tile, BLOCK_K block) via `bmm_fixed`;
+  1. scores = (q · k) * scale per (TILE_Q-row tile, BLOCK_K block) via `bmm_fixed`; a tile
+     holds the query rows of one sequence and KV head in (position, head-in-group) order, so
+     a decode step of a GQA group fills one tile;
   2. the row max over all visible keys (a max is exact in any order);
   3. p = exp(s - max), zero where masked; row sum accumulated block by block, in order;
   4. o = Σ_blocks p_b @ v_b, accumulated block by block, in order; o / sum.
@@ -68,8 +70,8 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), q_lens)
     local = torch.arange(n, device=q.device) - batch.query_start_loc[:-1][seq_idx]
     len_k = _ceil_to(int(seq_lens.max()), BLOCK_K)
-    len_q = _ceil_to(int(q_lens.max()), TILE_Q)
-
+    len_q = int(q_lens.max())
+    rows = _ceil_to(len_q * group, TILE_Q)       # query rows per (sequence, kv head), (t, g) order
     if kv_cache is not None:
         write_kv(kv_cache, k, v, batch.slot_mapping)
         k_all, v_all = gather_kv(kv_cache, batch.block_table, seq_lens, len_k)
@@ -81,13 +83,14 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
         k_all = k_all.index_put((seq_idx, local), k.float()).transpose(1, 2)
         v_all = v_all.index_put((seq_idx, local), v.float()).transpose(1, 2)
 
-    # queries: [B, Hkv, rows = group * len_q, D], row r = (g, t)
+    # queries: [B, Hkv, rows, D], row r = (t, g) for t < len_q, then zero rows up to a whole
+    # tile (a decode step of a GQA group fills one tile instead of `group` mostly empty ones)
     q_pad = q.new_zeros((num_seqs, len_q, hq, d), dtype=torch.float32)
     q_pad = q_pad.index_put((seq_idx, local), q.float())
-    q_pad = q_pad.view(num_seqs, len_q, hkv, group, d).permute(0, 2, 3, 1, 4)
-    rows = group * len_q
-    q_rows = q_pad.reshape(num_seqs * hkv, rows // TILE_Q, 1, TILE_Q, d)
+    q_pad = q_pad.view(num_seqs, len_q, hkv, group, d).transpose(1, 2).reshape(num_seqs, hkv, len_q * group, d)
+    q_pad = F.pad(q_pad, (0, 0, 0, rows - len_q * group))
     n_tiles, n_blocks = rows // TILE_Q, len_k // BLOCK_K
+    q_rows = q_pad.reshape(num_seqs * hkv, n_tiles, 1, TILE_Q, d)
     k_blocks = k_all.reshape(num_seqs * hkv, 1, n_blocks, BLOCK_K, d)
 
     g = num_seqs * hkv * n_tiles * n_blocks
@@ -98,7 +101,8 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     # mask: key position <= query position (and the row is a real query)
     q_pos = torch.full((num_seqs, len_q), -1, dtype=torch.int64, device=q.device)
     q_pos[seq_idx, local] = batch.positions()
-    row_pos = q_pos[:, None, :].expand(-1, group, -1).reshape(num_seqs, 1, n_tiles, 1, TILE_Q, 1)
+    row_pos = F.pad(q_pos[:, :, None].expand(-1, -1, group).reshape(num_seqs, len_q * group),
+                    (0, rows - len_q * group), value=-1).view(num_seqs, 1, n_tiles, 1, TILE_Q, 1)
     key_pos = torch.arange(len_k, device=q.device).view(1, 1, 1, n_blocks, 1, BLOCK_K)
     visible = key_pos <= row_pos
     neg_inf = torch.tensor(float("-inf"), device=q.device)
@@ -118,5 +122,6 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
         out = out + pv[:, :, :, blk]
     denom = torch.where(denom > 0, denom, torch.ones((), device=q.device))
     out = out / denom[..., None]                               # [B, Hkv, tiles, TQ, D]
-    out = out.reshape(num_seqs, hkv, group, len_q, d).permute(0, 3, 1, 2, 4).reshape(num_seqs, len_q, hq, d)
+    out = out.reshape(num_seqs, hkv, rows, d)[:, :, :len_q * group]
+    out = out.reshape(num_seqs, hkv, len_q, group, d).transpose(1, 2).reshape(num_seqs, len_q, hq, d)
     return out[seq_idx, local].to(q.dtype)
