@@ -48,17 +48,18 @@ class RolloutPool:
     def generate(self, prompts: list[list[int]], n: int, sampling: dict):
         """All samples of all prompts (prompt-major), checked to be at the current version.
 
-        Each prompt's samples are seeded from (sampling["seed"], its index in `prompts`), so
-        the tokens do not depend on the number of workers, the sharding or a retry."""
+        Each prompt's samples are seeded from (sampling["seed"], its index in `prompts`) exactly
+        as one worker given the whole call would seed them, so the tokens do not depend on the
+        number of workers, the sharding or a retry."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
-        from rollout.sampling import request_seed
+        from rollout.sampling import derive_seed
         sampling = dict(sampling)
         seed = sampling.pop("seed", 0)
         shards = [list(range(i, len(prompts), len(self.workers))) for i in range(len(self.workers))]
         for attempt in range(self.cfg.max_retries + 1):
             refs = [w.generate.remote([prompts[j] for j in idx],
-                                      dict(sampling, prompt_seeds=[request_seed(seed, j) for j in idx]), n)
+                                      dict(sampling, prompt_seeds=[derive_seed(seed, j) for j in idx]), n)
                     if idx else None for w, idx in zip(self.workers, shards)]
             results, failed = [], []
             for i, ref in enumerate(refs):

@@ -33,14 +33,20 @@ def _mix32_int(x: int) -> int:
     return int(_mix32(torch.tensor([x & _M32], dtype=torch.int64))[0])
 
 
-def request_seed(seed: int, prompt_index: int, sample_index: int = 0) -> int:
-    """The seed of sample `sample_index` of prompt `prompt_index` in a call seeded `seed`."""
+def derive_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for child `index` of `seed` (a prompt of a call, a sample of a prompt)."""
     h = _mix32_int(seed & _M32)
     h = _mix32_int(h ^ ((seed >> 32) & _M32))
-    h = _mix32_int(h ^ (prompt_index & _M32))
-    lo = _mix32_int(h ^ (sample_index & _M32))
+    lo = _mix32_int(h ^ (index & _M32))
     hi = _mix32_int(lo ^ 0x9E3779B9)
     return ((hi & 0x7FFFFFFF) << 32) | lo
+
+
+def request_seed(seed: int, prompt_index: int, sample_index: int = 0) -> int:
+    """The seed of sample `sample_index` of prompt `prompt_index` in a call seeded `seed`:
+    derived through the prompt's seed, so a caller that passes prompt seeds (RolloutPool,
+    sharding prompts over workers) gets the same samples as one call with `seed`."""
+    return derive_seed(derive_seed(seed, prompt_index), sample_index)
 
 
 def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 
 from rollout.batch import RolloutBatch, RolloutSample
 from rollout.engine_log import EngineLog
-from rollout.sampling import SEED_KEY, request_seed
+from rollout.sampling import SEED_KEY, derive_seed
 from rollout.vllm_model import KERNELS_ATTR, TEMPERATURE_ATTR
 
 # vLLM settings the logprob contract depends on; callers may not override them
@@ -240,8 +240,9 @@ class RolloutWorker:
         max_new_tokens (256), stop_token_ids (pass the EOS id here: there is no tokenizer),
         top_p, top_k, min_tokens, seed, prompt_seeds. Sample j of prompt i is drawn with
         rollout.sampling (Gumbel-max keyed by a per-request seed and the token position) from
-        seed `request_seed(prompt_seeds[i], 0, j)` when `prompt_seeds` (one int per prompt) is
-        given, else `request_seed(seed, i, j)`; `seed` defaults to (worker seed, call count).
+        seed `derive_seed(prompt_seeds[i], j)`, where `prompt_seeds` (one int per prompt) is given
+        or `derive_seed(seed, i)` (= `request_seed(seed, i, j)` in all); `seed` defaults to
+        (worker seed, call count).
         So the tokens depend only on the seed, the prompt's index and the logprobs: not on the
         batch, the engine's scheduling, preemption or a restart.
         """
@@ -275,18 +276,18 @@ class RolloutWorker:
     def _request_seeds(self, sampling: dict, num_prompts: int, n: int) -> list[list[int]]:
         """seeds[i][j] for sample j of prompt i (see `generate`)."""
         prompt_seeds = sampling.get("prompt_seeds")
-        if prompt_seeds is not None:
-            if (not isinstance(prompt_seeds, (list, tuple)) or len(prompt_seeds) != num_prompts
-                    or not all(isinstance(s, int) and s >= 0 for s in prompt_seeds)):
-                raise ValueError(f"generate: prompt_seeds must be {num_prompts} ints >= 0 (one per prompt)")
-            return [[request_seed(s, 0, j) for j in range(n)] for s in prompt_seeds]
-        seed = sampling.get("seed")
-        if seed is None:
-            seed = request_seed(self.seed, self._calls)
-        elif not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"generate: seed must be an int >= 0, got {seed!r}")
-        self._calls += 1
-        return [[request_seed(seed, i, j) for j in range(n)] for i in range(num_prompts)]
+        if prompt_seeds is None:
+            seed = sampling.get("seed")
+            if seed is None:
+                seed = derive_seed(self.seed, self._calls)
+            elif not isinstance(seed, int) or seed < 0:
+                raise ValueError(f"generate: seed must be an int >= 0, got {seed!r}")
+            self._calls += 1
+            prompt_seeds = [derive_seed(seed, i) for i in range(num_prompts)]
+        elif (not isinstance(prompt_seeds, (list, tuple)) or len(prompt_seeds) != num_prompts
+                or not all(isinstance(s, int) and s >= 0 for s in prompt_seeds)):
+            raise ValueError(f"generate: prompt_seeds must be {num_prompts} ints >= 0 (one per prompt)")
+        return [[derive_seed(p, j) for j in range(n)] for p in prompt_seeds]
 
     def _run(self, prompts, params, n, seeds):
         """Add each sample as its own request (vLLM rejects bad prompts one by one), then run

@@ -40,18 +40,25 @@ def bmm_fixed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out[:g] if g == 1 else out
 
 
+def _whole_tiles(x: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K] as `rows` (>= M) contiguous rows of `dtype`, zero rows appended; no copy when
+    x already is that."""
+    m = x.shape[0]
+    if x.requires_grad and torch.is_grad_enabled():      # keep the autograd graph
+        return F.pad(x.to(dtype), (0, 0, 0, rows - m))
+    if m == rows and x.dtype == dtype and x.is_contiguous():
+        return x
+    xp = x.new_zeros((rows, x.shape[1]), dtype=dtype)     # one copy: convert into the padded buffer
+    xp[:m] = x
+    return xp
+
+
 def matmul_rows(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) @ w_t [K, N] fp32, rows tiled to TILE_M, in fp32;
     batch-invariant in M."""
     m, k = x.shape
     n_tiles = max(1, -(-m // TILE_M))
-    if x.requires_grad:
-        xp = F.pad(x.float(), (0, 0, 0, n_tiles * TILE_M - m))
-    elif m == n_tiles * TILE_M and x.dtype == torch.float32 and x.is_contiguous():
-        xp = x                  # already whole fp32 tiles: no copy
-    else:                       # one copy: widen into the padded buffer
-        xp = x.new_zeros((n_tiles * TILE_M, k), dtype=torch.float32)
-        xp[:m] = x
+    xp = _whole_tiles(x, n_tiles * TILE_M, torch.float32)
     out = bmm_fixed(xp.view(n_tiles, TILE_M, k), w_t.unsqueeze(0).expand(n_tiles, -1, -1))
     return out.view(n_tiles * TILE_M, -1)[:m]
 
@@ -70,11 +77,7 @@ def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     tile = bf16_tile_rows(m, k)
     n_tiles = max(1, -(-m // tile))
-    if m != n_tiles * tile:
-        xp = x.new_zeros((n_tiles * tile, k))
-        xp[:m] = x
-    else:
-        xp = x.contiguous()
+    xp = _whole_tiles(x, n_tiles * tile, torch.bfloat16)
     out = x.new_empty((n_tiles * tile, weight.shape[0]))
     w_t = weight.t()
     for i in range(n_tiles):
