@@ -68,19 +68,18 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
         targets = dict(self.model.lm.state_dict())
         self.model.weight_version = None          # mixed until finish_weight_update says otherwise
         with safe_open(update_info.path, framework="pt") as bucket:
-            names = list(bucket.keys())
-            again = self._written.intersection(names)
-            if again:
-                raise ValueError(f"lockstep weight update: tensor {sorted(again)[0]!r} sent twice")
-            for name in names:
-                if not torch.isfinite(bucket.get_tensor(name)).all():
-                    raise ValueError(f"lockstep weight update {self._version}: {name!r} has non-finite values")
-            self.model.load_weights((name, bucket.get_tensor(name)) for name in names)
-            for name in names:    # verify: the model now holds exactly what was sent
-                sent = bucket.get_tensor(name).to(targets[name].dtype)
-                if not torch.equal(targets[name], sent):
-                    raise RuntimeError(f"lockstep weight update: {name!r} differs after loading")
-        self._written.update(names)
+            sent = {name: bucket.get_tensor(name) for name in bucket.keys()}
+        again = self._written.intersection(sent)
+        if again:
+            raise ValueError(f"lockstep weight update: tensor {sorted(again)[0]!r} sent twice")
+        for name, tensor in sent.items():
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"lockstep weight update {self._version}: {name!r} has non-finite values")
+        self.model.load_weights(sent.items())
+        for name, tensor in sent.items():    # verify: the model now holds exactly what was sent
+            if not torch.equal(targets[name], tensor.to(targets[name].dtype)):
+                raise RuntimeError(f"lockstep weight update: {name!r} differs after loading")
+        self._written.update(sent)
 
     def finish_weight_update(self) -> None:
         # never raises: vLLM's worker keeps the update session open if this does

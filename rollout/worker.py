@@ -32,6 +32,7 @@ from rollout.batch import RolloutBatch, RolloutSample
 from rollout.engine_log import EngineLog
 from rollout.sampling import SEED_KEY, derive_seed
 from rollout.vllm_model import KERNELS_ATTR, TEMPERATURE_ATTR
+from rollout.weight_transfer import RPC_TIMEOUT_S, push_weights
 
 # vLLM settings the logprob contract depends on; callers may not override them
 FIXED_ENGINE_ARGS = {
@@ -56,7 +57,6 @@ ENGINE_DEFAULTS = {
     "max_num_seqs": 256,
     "disable_log_stats": False,             # keeps counters (preemptions, prefix hits) readable
 }
-RPC_TIMEOUT_S = 600.0      # control messages to the engine; a dead engine never answers
 HEALTH_TIMEOUT_S = 20.0
 SAMPLING_KEYS = {"temperature", "max_new_tokens", "seed", "prompt_seeds", "stop_token_ids", "top_p", "top_k",
                  "min_tokens"}
@@ -174,7 +174,6 @@ class RolloutWorker:
         engine is touched."""
         if not isinstance(version, int) or isinstance(version, bool):
             raise ValueError(f"update_weights: version must be an int, got {version!r}")
-        from rollout.weight_transfer import push_weights
         with self._lock:
             self._check_alive()
             self._check_weight_set(weights)
