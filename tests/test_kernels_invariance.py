@@ -34,16 +34,34 @@ def rows_invariant(fn, x_all, what):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("n,k", [(384, 128), (128, 128), (64, 256), (1024, 2048), (128, 1000),
-                                  (3072, 1024), (512, 1024), (1024, 512)], ids=lambda v: str(v))
+                                  (3072, 1024), (512, 1024), (1024, 512), (1100, 64)], ids=lambda v: str(v))
 def test_linear_batch_invariant(dtype, n, k):
     w = torch.randn(n, k).to(dtype)
     x = torch.randn(1000, k).to(dtype)
     rows_invariant(lambda t: K.linear(t, w), x, f"linear {n}x{k}")
 
 
-def test_linear_fp32_out_batch_invariant():
-    w = torch.randn(128, 64).bfloat16()
-    rows_invariant(lambda t: K.linear(t, w, out_dtype=torch.float32), torch.randn(1000, 64).bfloat16(), "router linear")
+@pytest.mark.parametrize("n", [128, 1300], ids=["router", "lm_head"])
+def test_linear_fp32_out_batch_invariant(n):
+    w = torch.randn(n, 64).bfloat16()
+    rows_invariant(lambda t: K.linear(t, w, out_dtype=torch.float32), torch.randn(1000, 64).bfloat16(),
+                   f"fp32-out linear {n}x64")
+
+
+@pytest.mark.parametrize("n,k", [(384, 128), (64, 128), (128, 64), (3072, 1024), (512, 1024), (1024, 512),
+                                  (1024, 2816), (2816, 1024)], ids=lambda v: str(v))
+def test_prepacked_linear_gives_the_plain_bits(n, k):
+    """The rollout engine packs its bf16 weights once (K.prepack); the trainer never does:
+    every row must come out bit-identical either way, at every M and thread count."""
+    w = (torch.randn(n, k) * 0.05).bfloat16()
+    x = torch.randn(1000, k).bfloat16()
+    plain = K.linear(x, w)
+    assert K.prepack([w]) == 1
+    rows_invariant(lambda t: K.linear(t, w), x, f"prepacked linear {n}x{k}")
+    assert_bits_equal(K.linear(x, w), plain, f"prepacked vs plain {n}x{k}")
+    with torch.no_grad():
+        w.mul_(2.0)                      # an in-place change: the stale pack must not be used
+    assert_bits_equal(K.linear(x, w), K.linear(x, w.clone()), "after an in-place update")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

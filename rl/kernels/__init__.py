@@ -7,6 +7,9 @@ sides. Ops (shapes in each backend's docstrings):
     linear, rms_norm, gated_group_rms_norm, rope, softmax_attention,
     lightning_attention, moe_route, moe_experts, silu, logprobs, log_softmax_logits
 
+and `prepack(weights)`, which an inference engine calls after loading weights (cpu: keeps
+oneDNN's packed layout of bf16 weights; same bits).
+
 Contract (DESIGN.md §2; each property has a bitwise test): batch invariance, prefill/decode
 invariance, run-to-run determinism, trainer = rollout, the paper's precision rules.
 
@@ -69,6 +72,16 @@ def linear(x, weight, out_dtype=None):
     return backend_for(x.device).linear(x, weight, out_dtype)
 
 
+def prepack(weights) -> int:
+    """Inference only: let `linear` keep weights in the backend's packed layout (same bits,
+    less work per call). Backends without one (triton, stock) do nothing. Returns the count."""
+    weights = list(weights)
+    if not weights:
+        return 0
+    backend = backend_for(weights[0].device)
+    return backend.prepack(weights) if hasattr(backend, "prepack") else 0
+
+
 def rms_norm(x, weight, eps):
     return backend_for(x.device).rms_norm(x, weight, eps)
 
@@ -114,7 +127,7 @@ def logprobs(hidden, lm_head_weight, token_ids, temperature=1.0):
 from rl.kernels.batch import BatchMeta  # noqa: E402  (plain data, no backend import)
 
 __all__ = [
-    "BatchMeta", "MODES", "set_kernels", "get_kernels", "kernels", "backend_for", "linear",
+    "BatchMeta", "MODES", "set_kernels", "get_kernels", "kernels", "backend_for", "linear", "prepack",
     "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention", "lightning_attention",
     "moe_route", "moe_experts", "silu", "log_softmax_logits", "logprobs",
 ]

@@ -40,16 +40,19 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, length: int):
-    """Logical K/V [B, Hkv, length, D] in fp32 from pages; positions >= seq_len are zero."""
+    """Logical K/V [B, Hkv, length, D] in fp32 from pages; values at positions >= seq_len are
+    zero, keys there are whatever the pages hold (attention masks them).
+    Reads only the `length` positions, not whole pages (vLLM's pages can be 1024 tokens)."""
     block_size, d2 = kv_cache.shape[2], kv_cache.shape[3]
-    n_pages = -(-int(seq_lens.max()) // block_size)
-    pages = kv_cache[block_table[:, :n_pages].long()]               # [B, P, Hkv, bs, 2D]
-    b, p, h = pages.shape[:3]
-    kv = pages.permute(0, 2, 1, 3, 4).reshape(b, h, p * block_size, d2).float()
-    kv = F.pad(kv, (0, 0, 0, max(0, length - p * block_size)))[:, :, :length]
-    valid = torch.arange(length, device=kv.device)[None, :] < seq_lens[:, None]
-    kv = torch.where(valid[:, None, :, None], kv, torch.zeros((), device=kv.device))
-    return kv[..., : d2 // 2], kv[..., d2 // 2:]
+    t = torch.arange(length, device=kv_cache.device)
+    page = torch.clamp(t // block_size, max=block_table.shape[1] - 1)
+    blocks = block_table[:, page].long()                            # [B, length]
+    kv = kv_cache[blocks, :, t % block_size].transpose(1, 2)       # [B, Hkv, length, 2D]
+    # keys past seq_len only meet masked scores; values past it are zeroed (p = 0 there,
+    # and 0 * garbage could be NaN)
+    valid = t[None, :] < seq_lens[:, None]
+    v = torch.where(valid[:, None, :, None], kv[..., d2 // 2:], torch.zeros((), dtype=kv.dtype))
+    return kv[..., : d2 // 2].float(), v.float()
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BatchMeta,
@@ -96,7 +99,11 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     g = num_seqs * hkv * n_tiles * n_blocks
     a = q_rows.expand(-1, -1, n_blocks, -1, -1).reshape(g, TILE_Q, d)
     b = k_blocks.transpose(-1, -2).expand(-1, n_tiles, -1, -1, -1).reshape(g, d, BLOCK_K)
-    scores = bmm_fixed(a, b).view(num_seqs, hkv, n_tiles, n_blocks, TILE_Q, BLOCK_K) * scale
+    scores = bmm_fixed(a, b).view(num_seqs, hkv, n_tiles, n_blocks, TILE_Q, BLOCK_K)
+    # element-wise steps only on the tile rows that hold queries (a decode tile holds `group`
+    # of TILE_Q): per element the arithmetic is the same, so the bits are too
+    live = min(TILE_Q, len_q * group)
+    scores = scores[..., :live, :] * scale
 
     # mask: key position <= query position (and the row is a real query)
     q_pos = torch.full((num_seqs, len_q), -1, dtype=torch.int64, device=q.device)
@@ -104,24 +111,24 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     row_pos = F.pad(q_pos[:, :, None].expand(-1, -1, group).reshape(num_seqs, len_q * group),
                     (0, rows - len_q * group), value=-1).view(num_seqs, 1, n_tiles, 1, TILE_Q, 1)
     key_pos = torch.arange(len_k, device=q.device).view(1, 1, 1, n_blocks, 1, BLOCK_K)
-    visible = key_pos <= row_pos
+    visible = key_pos <= row_pos[..., :live, :]
     neg_inf = torch.tensor(float("-inf"), device=q.device)
     scores = torch.where(visible, scores, neg_inf)
     row_max = scores.amax(dim=(3, 5), keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros((), device=q.device))
     p = torch.where(visible, torch.exp(scores - row_max), torch.zeros((), device=q.device))
 
-    block_sums = row_sum(p)                                    # [B, Hkv, tiles, blocks, TQ]
-    pv = bmm_fixed(p.reshape(g, TILE_Q, BLOCK_K),
+    block_sums = row_sum(p)                                    # [B, Hkv, tiles, blocks, live]
+    pv = bmm_fixed(F.pad(p, (0, 0, 0, TILE_Q - live)).reshape(g, TILE_Q, BLOCK_K),
                    v_all.reshape(num_seqs * hkv, 1, n_blocks, BLOCK_K, d)
                    .expand(-1, n_tiles, -1, -1, -1).reshape(g, BLOCK_K, d))
-    pv = pv.view(num_seqs, hkv, n_tiles, n_blocks, TILE_Q, d)
+    pv = pv.view(num_seqs, hkv, n_tiles, n_blocks, TILE_Q, d)[..., :live, :]
     denom, out = block_sums[:, :, :, 0], pv[:, :, :, 0]
     for blk in range(1, n_blocks):                             # fixed order: block 0, 1, 2...
         denom = denom + block_sums[:, :, :, blk]
         out = out + pv[:, :, :, blk]
     denom = torch.where(denom > 0, denom, torch.ones((), device=q.device))
-    out = out / denom[..., None]                               # [B, Hkv, tiles, TQ, D]
-    out = out.reshape(num_seqs, hkv, rows, d)[:, :, :len_q * group]
+    out = out / denom[..., None]                               # [B, Hkv, tiles, live, D]
+    out = out.reshape(num_seqs, hkv, n_tiles * live, d)[:, :, :len_q * group]
     out = out.reshape(num_seqs, hkv, len_q, group, d).transpose(1, 2).reshape(num_seqs, len_q, hq, d)
     return out[seq_idx, local].to(q.dtype)

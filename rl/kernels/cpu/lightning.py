@@ -135,13 +135,23 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
 
     if state is not None:
         rem = used % c
-        if num_windows == 1:
-            new_pend = pend                                   # kw, vw were written into it
+        slots = batch.state_indices
+        if num_windows == 1:     # write back only what changed: new k/v rows, cleared buffers
+            if fresh.numel():
+                pend_pool[slots[fresh]] = 0.0
+            pend_pool.index_put_((slots[seq_idx][:, None], heads, offset[:, None]),
+                                 torch.cat([k, v], -1).float())
+            done = (rem == 0).nonzero()[:, 0]                 # window completed: buffer empty
+            if done.numel():
+                pend_pool[slots[done]] = 0.0
+            changed = torch.unique(torch.cat([fresh, full_seq]))
+            if changed.numel():
+                s_pool[slots[changed]] = s[changed]
         else:
             last = torch.clamp(used - rem, max=length - c) // c   # the partial window (if any)
             seqs = torch.arange(num_seqs, device=dev)
             new_pend = torch.cat([kwin[seqs, :, last], vwin[seqs, :, last]], -1)  # [B, H, C, 2D]
-        new_pend[rem == 0] = 0.0                              # no partial window: empty
-        s_pool[batch.state_indices] = s
-        pend_pool[batch.state_indices] = new_pend
+            new_pend[rem == 0] = 0.0                          # no partial window: empty
+            s_pool[slots] = s
+            pend_pool[slots] = new_pend
     return out.to(q.dtype)

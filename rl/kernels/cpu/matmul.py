@@ -16,7 +16,8 @@ on M, on the other rows, or on the row's position. Two products, chosen by dtype
   1 to 2048 gives the same bits as a 32-row tile with 1, 2 and 4 threads, so there the rows
   (rounded up to 32) go in one call. tests/test_kernels_invariance.py re-checks both on the
   machine it runs on.
-- anything else (fp32 out for router and lm_head, fp32 inputs): 32-row fp32 tiles through
+- anything else (fp32 out for router and lm_head, fp32 inputs): 16-row fp32 tiles (and
+  512-column blocks when N is larger, see `matmul_rows`) through
   `bmm_fixed` (bf16 inputs are widened exactly).
 The output is rounded to `out_dtype`.
 """
@@ -53,14 +54,38 @@ def _whole_tiles(x: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor
     return xp
 
 
-def matmul_rows(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float dtype) @ w_t [K, N] fp32, rows tiled to TILE_M, in fp32;
-    batch-invariant in M."""
+FP32_TILE_M = 16      # rows per fp32 product (lm_head, router, row sums)
+COL_BLOCK = 512       # columns per fp32 product when N is larger (the lm_head's vocab)
+
+
+def matmul_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float dtype) @ weight [N, K]ᵀ fp32 -> [M, N] fp32; batch-invariant in M.
+
+    Every output element comes from one [FP32_TILE_M, K] x [K, COL_BLOCK] product (or
+    [.., K] x [K, N] when N <= COL_BLOCK; the last N % COL_BLOCK columns from their own
+    fixed-shape product), computed as one single-threaded GEMM inside a bmm of >= 2 matrices."""
     m, k = x.shape
-    n_tiles = max(1, -(-m // TILE_M))
-    xp = _whole_tiles(x, n_tiles * TILE_M, torch.float32)
-    out = bmm_fixed(xp.view(n_tiles, TILE_M, k), w_t.unsqueeze(0).expand(n_tiles, -1, -1))
-    return out.view(n_tiles * TILE_M, -1)[:m]
+    n = weight.shape[0]
+    n_tiles = max(1, -(-m // FP32_TILE_M))
+    xp = _whole_tiles(x, n_tiles * FP32_TILE_M, torch.float32).view(n_tiles, FP32_TILE_M, k)
+    full = n // COL_BLOCK * COL_BLOCK if n > COL_BLOCK else 0
+    parts = []
+    if full:
+        nb = full // COL_BLOCK
+        blocks = weight[:full].view(nb, COL_BLOCK, k).transpose(1, 2)          # [nb, K, CB]
+        if n_tiles == 1:             # decode: the column blocks are the bmm's matrices
+            y = torch.bmm(xp.expand(nb, -1, -1), blocks)                       # [nb, TM, CB]
+            parts.append(y.transpose(0, 1).reshape(1, FP32_TILE_M, full))
+        else:
+            y = xp.new_empty((n_tiles, FP32_TILE_M, full))
+            for j in range(nb):
+                y[:, :, j * COL_BLOCK:(j + 1) * COL_BLOCK] = bmm_fixed(
+                    xp, blocks[j].expand(n_tiles, -1, -1))
+            parts.append(y)
+    if full < n:
+        parts.append(bmm_fixed(xp, weight[full:].t().expand(n_tiles, -1, -1)))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+    return out.reshape(n_tiles * FP32_TILE_M, n)[:m]
 
 
 ONE_CALL_MAX_K = 256
@@ -78,6 +103,11 @@ def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     tile = bf16_tile_rows(m, k)
     n_tiles = max(1, -(-m // tile))
     xp = _whole_tiles(x, n_tiles * tile, torch.bfloat16)
+    packed = _packed(weight)
+    if packed is not None:
+        tiles = [torch.ops.mkldnn._linear_pointwise(xp[i * tile:(i + 1) * tile], packed, None, "none", [], "")
+                 for i in range(n_tiles)]
+        return (tiles[0] if n_tiles == 1 else torch.cat(tiles))[:m]
     out = x.new_empty((n_tiles * tile, weight.shape[0]))
     w_t = weight.t()
     for i in range(n_tiles):
@@ -86,10 +116,40 @@ def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out[:m]
 
 
+# -- weights packed once for inference ---------------------------------------------------------
+# oneDNN re-orders a bf16 weight into its AMX layout on every `torch.mm`; for a weight that
+# does not change (the rollout engine between weight updates) the re-ordered copy can be kept.
+# The product is the same oneDNN kernel on the same tiles, so the bits are the unpacked
+# product's (tests/test_kernels_invariance.py checks every model shape, 1/2/4 threads); the
+# trainer never packs. A pack records the weight's version counter and is ignored once the
+# weight is changed in place.
+_PACK_ATTR = "_lockstep_onednn_pack"
+
+
+def prepack(weights) -> int:
+    """Keep a oneDNN-packed copy of each 2D bf16 CPU weight for `linear`; returns how many.
+    Call again after the weights change (a stale pack is never used, only wasted)."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    count = 0
+    for w in weights:
+        if w.dtype == torch.bfloat16 and w.dim() == 2 and w.device.type == "cpu":
+            setattr(w, _PACK_ATTR, (w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), TILE_M)))
+            count += 1
+    return count
+
+
+def _packed(weight: torch.Tensor):
+    entry = getattr(weight, _PACK_ATTR, None)
+    if entry is None or entry[0] != weight._version or (weight.requires_grad and torch.is_grad_enabled()):
+        return None
+    return entry[1]
+
+
 def _forward(x2d: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     if x2d.dtype == weight.dtype == out_dtype == torch.bfloat16:
         return matmul_rows_bf16(x2d, weight)
-    return matmul_rows(x2d, weight.float().t()).to(out_dtype)
+    return matmul_rows(x2d, weight.float()).to(out_dtype)
 
 
 class _InvariantLinear(torch.autograd.Function):
@@ -119,12 +179,12 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     vector: ATen's own reduction kernels pick their vectorisation from the whole tensor's
     shape, and a short row (D = 32, 64) was seen to sum differently in different calls."""
     d = x.shape[-1]
-    return matmul_rows(x.reshape(-1, d), _ones_column(d, x.device)).reshape(x.shape[:-1])
+    return matmul_rows(x.reshape(-1, d), _ones_row(d, x.device)).reshape(x.shape[:-1])
 
 
 @functools.lru_cache(maxsize=64)
-def _ones_column(d: int, device: torch.device) -> torch.Tensor:
-    return torch.ones((d, 1), dtype=torch.float32, device=device)
+def _ones_row(d: int, device: torch.device) -> torch.Tensor:
+    return torch.ones((1, d), dtype=torch.float32, device=device)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
