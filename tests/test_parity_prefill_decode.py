@@ -117,3 +117,34 @@ def test_mixed_batch_prefill_and_decode_in_one_call():
             done[i] += step[i]
     assert done == lengths
     assert_bits_equal(out, full, "mixed prefill/decode batch")
+
+
+def test_batched_decode_steps_equal_the_full_forward():
+    """Decode steps of several sequences in one call (each at its own window offset, windows
+    completing on different steps, a new sequence joining with a one-token prompt, slots
+    holding garbage): every token equals its sequence's full forward."""
+    lengths, joins = [60, 45, 33, 20], [0, 0, 0, 13]        # sequence 3 starts at step 13
+    prompts = [17, 5, 1, 1]
+    gen = torch.Generator().manual_seed(3)
+    seqs = [tuple(torch.randn(n, 4, 32, generator=gen).bfloat16() for _ in range(3)) for n in lengths]
+    ld = -torch.rand(4, generator=gen) * 0.4
+    fulls = [K.lightning_attention(q, k, v, ld, BatchMeta.from_lengths([q.shape[0]]), None, 16) for q, k, v in seqs]
+    state = (torch.full((6, 4, 32, 32), float("nan")), torch.full((6, 4, 16, 64), float("nan")))
+    slots = [4, 0, 5, 2]
+    outs = [[] for _ in seqs]
+    done = [0] * len(seqs)
+    step = 0
+    while any(done[i] < lengths[i] for i in range(len(seqs))):
+        live = [i for i in range(len(seqs)) if step >= joins[i] and done[i] < lengths[i]]
+        sizes = [prompts[i] if done[i] == 0 else 1 for i in live]
+        batch = BatchMeta.from_lengths(sizes, [done[i] for i in live])
+        batch.state_indices = torch.tensor([slots[i] for i in live])
+        parts = [tuple(t[done[i]:done[i] + n] for t in seqs[i]) for i, n in zip(live, sizes)]
+        q, k, v = (torch.cat([p[j] for p in parts]) for j in range(3))
+        out = K.lightning_attention(q, k, v, ld, batch, state, 16)
+        for i, piece in zip(live, out.split(sizes)):
+            outs[i].append(piece)
+            done[i] += piece.shape[0]
+        step += 1
+    for i, full in enumerate(fulls):
+        assert_bits_equal(torch.cat(outs[i]), full, f"batched decode, sequence {i}")

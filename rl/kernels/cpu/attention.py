@@ -41,18 +41,22 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, length: int):
     """Logical K/V [B, Hkv, length, D] in fp32 from pages; values at positions >= seq_len are
-    zero, keys there are whatever the pages hold (attention masks them).
-    Reads only the `length` positions, not whole pages (vLLM's pages can be 1024 tokens)."""
-    block_size, d2 = kv_cache.shape[2], kv_cache.shape[3]
+    zero, keys there are whatever the pages hold (attention masks them). Reads only the
+    `length` positions, not whole pages (vLLM's pages can be 1024 tokens), as one row gather."""
+    blocks_total, hkv, block_size, d2 = kv_cache.shape
     t = torch.arange(length, device=kv_cache.device)
     page = torch.clamp(t // block_size, max=block_table.shape[1] - 1)
-    blocks = block_table[:, page].long()                            # [B, length]
-    kv = kv_cache[blocks, :, t % block_size].transpose(1, 2)       # [B, Hkv, length, 2D]
-    # keys past seq_len only meet masked scores; values past it are zeroed (p = 0 there,
-    # and 0 * garbage could be NaN)
-    valid = t[None, :] < seq_lens[:, None]
-    v = torch.where(valid[:, None, :, None], kv[..., d2 // 2:], torch.zeros((), dtype=kv.dtype))
-    return kv[..., : d2 // 2].float(), v.float()
+    blocks = block_table[:, page].long()                              # [B, length]
+    if kv_cache.is_contiguous():
+        heads = torch.arange(hkv, device=kv_cache.device)
+        rows = (blocks[:, None, :] * hkv + heads[None, :, None]) * block_size + (t % block_size)[None, None, :]
+        kv = kv_cache.view(blocks_total * hkv * block_size, d2).index_select(0, rows.reshape(-1))
+        kv = kv.view(blocks.shape[0], hkv, length, d2).float()         # [B, Hkv, length, 2D]
+    else:
+        kv = kv_cache[blocks, :, t % block_size].transpose(1, 2).float()
+    # p = 0 at positions past seq_len, and 0 * garbage could be NaN: zero those values
+    kv[..., d2 // 2:].masked_fill_((t[None, :] >= seq_lens[:, None])[:, None, :, None], 0.0)
+    return kv[..., : d2 // 2], kv[..., d2 // 2:]
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BatchMeta,

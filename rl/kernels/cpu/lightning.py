@@ -16,6 +16,8 @@ computed, and only full windows' state updates: a decode step computes one tile,
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from rl.kernels.batch import BatchMeta
@@ -39,6 +41,56 @@ def decay_tables(log_decay: torch.Tensor, chunk: int):
     return q_decay, k_decay, intra, window
 
 
+@functools.lru_cache(maxsize=256)
+def _tables(log_decay_values: tuple[float, ...], chunk: int):
+    """decay_tables of a layer's (constant) decays, computed once."""
+    return decay_tables(torch.tensor(log_decay_values, dtype=torch.float32), chunk)
+
+
+def _decode_step(q, k, v, log_decay, batch: BatchMeta, state, c: int, tq: int) -> torch.Tensor:
+    """One new token per sequence, with a state: the general path's arithmetic for this case
+    (one window, one query tile per sequence; same products and element-wise steps, so the
+    same bits) with a fraction of its indexing work."""
+    n, h, d = q.shape
+    s_pool, pend_pool = state
+    slots = batch.state_indices
+    ctx = batch.context_lens
+    j = ctx % c                                                # the token's window offset
+    rows = torch.arange(n, device=q.device)
+    s0 = s_pool.index_select(0, slots)                         # [B, H, D, D]
+    pend = pend_pool.index_select(0, slots)                    # [B, H, C, 2D]
+    fresh = (ctx == 0).nonzero()[:, 0]
+    if fresh.numel():                    # the slot holds whatever its previous owner left
+        s0[fresh] = 0.0
+        pend[fresh] = 0.0
+        pend_pool[slots[fresh]] = 0.0
+    new_kv = torch.cat([k, v], -1).float()                     # [B, H, 2D]
+    pend[rows, :, j] = new_kv
+    pend_pool[slots, :, j] = new_kv
+    q_decay, k_decay, intra_mask, window_decay = _tables(tuple(log_decay.tolist()), c)
+    tiles_per_window = c // tq
+    t_in, r = j // tq, j % tq
+    qt = q.new_zeros((n, h, tq, d), dtype=torch.float32)
+    qt[rows, :, r] = q.float() * (d ** -0.5)
+    kw, vw = pend[..., :d], pend[..., d:]
+    scores = bmm_fixed(qt.reshape(-1, tq, d), kw.transpose(-1, -2).reshape(-1, d, c)).view(n, h, tq, c)
+    scores = scores * intra_mask.view(h, tiles_per_window, tq, c)[:, t_in].transpose(0, 1)
+    intra = bmm_fixed(scores.reshape(-1, tq, c), vw.reshape(-1, c, d)).view(n, h, tq, d)
+    q_dec = q_decay.view(h, tiles_per_window, tq)[:, t_in].transpose(0, 1)[..., None]
+    inter = bmm_fixed((qt * q_dec).reshape(-1, tq, d), s0.reshape(-1, d, d)).view(n, h, tq, d)
+    out = (inter + intra)[rows, :, r]                          # [N, H, D]
+    full = (j == c - 1).nonzero()[:, 0]                        # windows this token completes
+    if full.numel():
+        kf = kw[full] * k_decay[None, :, :, None]
+        kv = bmm_fixed(kf.transpose(-1, -2).reshape(-1, d, c), vw[full].reshape(-1, c, d)).view(-1, h, d, d)
+        s_pool[slots[full]] = window_decay[None, :, None, None] * s0[full] + kv
+        pend_pool[slots[full]] = 0.0
+    fresh_only = fresh[j[fresh] != c - 1] if fresh.numel() else fresh
+    if fresh_only.numel():
+        s_pool[slots[fresh_only]] = 0.0
+    return out.to(q.dtype)
+
+
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
                         batch: BatchMeta, state=None, chunk_size: int = 64) -> torch.Tensor:
     """q, k, v [N, H, D] for the new tokens; log_decay [H] (log λ_h, fp32) -> o [N, H, D] q.dtype.
@@ -54,6 +106,8 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     dev = q.device
     num_seqs = batch.num_seqs
     q_lens, ctx = batch.query_lens, batch.context_lens
+    if state is not None and n == num_seqs and bool((q_lens == 1).all()):
+        return _decode_step(q, k, v, log_decay, batch, state, c, tq)
     pend_lens = ctx % c
     seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=dev), q_lens)
     local = torch.arange(n, device=dev) - batch.query_start_loc[:-1][seq_idx]

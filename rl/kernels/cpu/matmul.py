@@ -105,7 +105,7 @@ def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     xp = _whole_tiles(x, n_tiles * tile, torch.bfloat16)
     packed = _packed(weight)
     if packed is not None:
-        tiles = [torch.ops.mkldnn._linear_pointwise(xp[i * tile:(i + 1) * tile], packed, None, "none", [], "")
+        tiles = [_packed_linear(xp[i * tile:(i + 1) * tile], packed, None, "none", [], "")
                  for i in range(n_tiles)]
         return (tiles[0] if n_tiles == 1 else torch.cat(tiles))[:m]
     out = x.new_empty((n_tiles * tile, weight.shape[0]))
@@ -124,17 +124,23 @@ def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # trainer never packs. A pack records the weight's version counter and is ignored once the
 # weight is changed in place.
 _PACK_ATTR = "_lockstep_onednn_pack"
+# the resolved overloads: calling through the op packet costs ~20 us of Python per call
+try:
+    _packed_linear = torch.ops.mkldnn._linear_pointwise.default
+    _pack = torch.ops.mkldnn._reorder_linear_weight.default
+except (AttributeError, RuntimeError):       # a torch build without oneDNN: never pack
+    _packed_linear = _pack = None
 
 
 def prepack(weights) -> int:
     """Keep a oneDNN-packed copy of each 2D bf16 CPU weight for `linear`; returns how many.
     Call again after the weights change (a stale pack is never used, only wasted)."""
-    if not torch.backends.mkldnn.is_available():
+    if _pack is None or not torch.backends.mkldnn.is_available():
         return 0
     count = 0
     for w in weights:
         if w.dtype == torch.bfloat16 and w.dim() == 2 and w.device.type == "cpu":
-            setattr(w, _PACK_ATTR, (w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), TILE_M)))
+            setattr(w, _PACK_ATTR, (w._version, _pack(w.detach(), TILE_M)))
             count += 1
     return count
 
