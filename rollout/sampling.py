@@ -15,6 +15,8 @@ still rl.kernels' number. top_k / top_p are applied here, on the logprobs, befor
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 SEED_KEY = "lockstep_seed"          # SamplingParams.extra_args key carrying a request's seed
@@ -49,15 +51,26 @@ def request_seed(seed: int, prompt_index: int, sample_index: int = 0) -> int:
     return derive_seed(derive_seed(seed, prompt_index), sample_index)
 
 
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """`_mix32` in place on a fresh int64 tensor (the same values, no temporaries)."""
+    for _ in range(2):
+        x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
+
+
+@functools.lru_cache(maxsize=8)
+def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
+    return _mix32(torch.arange(vocab, dtype=torch.int64, device=device) + 0x2545F491)
+
+
 def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """float64 [R, vocab] Gumbel(0, 1) noise; row r is a function of (seeds[r], positions[r])."""
     device = seeds.device
     seeds, positions = seeds.to(torch.int64), positions.to(torch.int64)
     row = _mix32(_mix32((seeds & _M32) ^ _mix32(seeds >> 32)) ^ (positions & _M32))
-    tok = torch.arange(vocab, dtype=torch.int64, device=device)
-    bits = _mix32(row[:, None] ^ _mix32(tok + 0x2545F491)[None, :])
-    u = (bits.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)      # in (0, 1)
-    return -torch.log(-torch.log(u))
+    bits = _mix32_(row[:, None] ^ _token_hashes(vocab, device)[None, :])
+    u = bits.to(torch.float64).add_(0.5).mul_(1.0 / 4294967296.0)        # in (0, 1)
+    return u.log_().neg_().log_().neg_()
 
 
 def restrict(logprobs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -83,4 +96,4 @@ def sample(logprobs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
         top_p = torch.ones(rows, dtype=torch.float64) if top_p is None else top_p
         logprobs = restrict(logprobs, top_k, top_p)
     noise = gumbel_noise(seeds.to(logprobs.device), positions.to(logprobs.device), logprobs.shape[-1])
-    return (logprobs.double() + noise).argmax(dim=-1)
+    return noise.add_(logprobs.double()).argmax(dim=-1)

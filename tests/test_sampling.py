@@ -65,3 +65,14 @@ def test_masked_tokens_are_never_drawn():
     lp[:, 0] = float("-inf")            # e.g. a stop token under min_tokens
     seeds = torch.tensor([request_seed(2, i) for i in range(128)])
     assert (sample(lp, seeds, torch.zeros(128, dtype=torch.long)) != 0).all()
+
+
+def test_noise_is_the_plain_formula():
+    """gumbel_noise (in-place, cached token hashes) gives exactly the written-out definition."""
+    from rollout.sampling import _M32, _mix32, gumbel_noise
+    seeds = torch.tensor([0, 2 ** 40 + 7, 2 ** 62 + 3], dtype=torch.int64)
+    positions = torch.tensor([0, 5, 1000], dtype=torch.int64)
+    row = _mix32(_mix32((seeds & _M32) ^ _mix32(seeds >> 32)) ^ (positions & _M32))
+    tok = torch.arange(1000, dtype=torch.int64)
+    u = (_mix32(row[:, None] ^ _mix32(tok + 0x2545F491)[None, :]).double() + 0.5) / 4294967296.0
+    assert_bits_equal(gumbel_noise(seeds, positions, 1000), -torch.log(-torch.log(u)), "gumbel noise")
