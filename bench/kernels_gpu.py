@@ -308,19 +308,25 @@ def lightning_cases():
                                                           initial_state=init, output_final_state=True)
 
     def check_decode():
-        n = 3
-        lens = [130, 64, 77]
+        # the last 1..5 tokens of each sequence (a decode step, or a short chunk that fits one
+        # 16-row tile or straddles two) after a cached prefill of the rest, at every window
+        # offset, against the full forward of the same sequences (state slots NaN-poisoned)
+        lens = [2 + 3 * i for i in range(44)] + [64, 65, 128, 129]
+        n = len(lens)
+        tails = [1 + i % 5 for i in range(n)]
         qq, kk, vv = (torch.randn(sum(lens), h, d, device=DEV).mul(0.3).to(BF16) for _ in range(3))
         f_all = T.lightning_attention(qq, kk, vv, ld, BatchMeta.from_lengths(lens, device=DEV), None, 64)
-        st = (torch.full((n, h, d, d), float("nan"), device=DEV), torch.full((n, h, 64, 2 * d), float("nan"), device=DEV))
-        starts = [0, 130, 194]
-        pre = torch.cat([torch.arange(s, s + ln - 1) for s, ln in zip(starts, lens)]).to(DEV)
-        m1 = BatchMeta.from_lengths([ln - 1 for ln in lens], device=DEV)
-        m1.state_indices = torch.arange(n, device=DEV)
+        st = (torch.full((n + 2, h, d, d), float("nan"), device=DEV), torch.full((n + 2, h, 64, 2 * d), float("nan"), device=DEV))
+        slots = torch.randperm(n + 2, device=DEV)[:n]
+        starts = [sum(lens[:i]) for i in range(n)]
+        heads = [ln - t for ln, t in zip(lens, tails)]
+        pre = torch.cat([torch.arange(s, s + m) for s, m in zip(starts, heads)]).to(DEV)
+        m1 = BatchMeta.from_lengths(heads, device=DEV)
+        m1.state_indices = slots
         T.lightning_attention(qq[pre], kk[pre], vv[pre], ld, m1, st, 64)
-        last = torch.tensor([s + ln - 1 for s, ln in zip(starts, lens)], device=DEV)
-        m2 = BatchMeta.from_lengths([1] * n, context_lens=[ln - 1 for ln in lens], device=DEV)
-        m2.state_indices = torch.arange(n, device=DEV)
+        last = torch.cat([torch.arange(s + m, s + ln) for s, m, ln in zip(starts, heads, lens)]).to(DEV)
+        m2 = BatchMeta.from_lengths(tails, context_lens=heads, device=DEV)
+        m2.state_indices = slots
         o = T.lightning_attention(qq[last], kk[last], vv[last], ld, m2, st, 64)
         return equal(o, f_all[last])
     c["decode_check"] = check_decode
@@ -339,6 +345,27 @@ def bench_lightning():
                None, "fla chunk_simple_gla (g)", note="not the shipped setting (SPLIT_PARTS=3)")
     record("lightning decode B256 (state fp32 + pending)", c["decode_check"], c["decode"], c["decode_base"], 1.3,
            "fla fused_recurrent_simple_gla (g_gamma, fp32 state in/out)")
+    with consts(L, Q_TILE=64):
+        record("lightning decode B256, tile kernel off (full 64-row windows, the run-4 path)", c["decode_check"],
+               c["decode"], c["decode_base"], None, "fla fused_recurrent_simple_gla (g_gamma)",
+               note="not the shipped setting: the before/after of the 16-row tile kernel in one run")
+    # the same decode call replayed from a CUDA graph (as a serving engine runs decode), both sides
+    try:
+        graphs = {}
+        for name in ("decode", "decode_base"):
+            c[name]()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                c[name]()
+            graphs[name] = g
+        record("lightning decode B256, CUDA graph replay (both sides)", lambda: (True, "the same call as above"),
+               graphs["decode"].replay, graphs["decode_base"].replay, None,
+               "fla fused_recurrent_simple_gla (g_gamma), graph replay",
+               note="host launch overhead removed on both sides")
+    except Exception as err:
+        RESULTS.append({"name": "lightning decode CUDA graph replay", "error": repr(err)[:300]})
+        flush()
 
 
 # ------------------------------------------------------------------ MoE ---------------
@@ -469,11 +496,52 @@ def tune_lightning():
     from rl.kernels.triton import lightning as L
     c = lightning_cases()
     tune_variants("lightning baseline", [(L, {})], c, [], ["base_g", "decode_base"])
-    # first H200 round: 4 warps -35% (prefill and decode) against 8; BLOCK_V=32 faulted (illegal
-    # address, not investigated) -- left out, a fault ends the process
-    variants = [dict(BLOCK_V=64, NUM_WARPS=4, NUM_STAGES=1), dict(BLOCK_V=64, NUM_WARPS=4, NUM_STAGES=2),
-                dict(BLOCK_V=128, NUM_WARPS=4, NUM_STAGES=1), dict(BLOCK_V=128, NUM_WARPS=8, NUM_STAGES=1)]
-    tune_variants("lightning", [(L, v) for v in variants], c, ["prefill_check", "decode_check"], ["prefill", "decode"])
+    # decode: the 16-row tile kernel (shipped: TILE_BV 128, 8 warps) and without it (Q_TILE=64).
+    # Earlier rounds (kernels_gpu_h200_tune4.json): a transposed tile form (wgmma N=16) gave other bits, faulted
+    # at D=64 / 8 warps; prefill: intra table hoisted -8%, register prefetch of the next window
+    # +60%, transposed state form +4%; tune1/tune2: 4 warps -35% against 8, 2 stages and
+    # BLOCK_V=128 slower, BLOCK_V=32 faulted (a fault ends the process: left out).
+    tune_lightning_decode(c, [dict(), dict(TILE_BV=64, TILE_WARPS=4), dict(TILE_BV=64, TILE_WARPS=8),
+                              dict(TILE_BV=128, TILE_WARPS=4), dict(Q_TILE=64)])
+
+
+def tune_lightning_decode(c, variants):
+    """Decode variants: the bitwise check, then the call's time and its CUDA-graph replay time
+    (the kernels alone, without the host's launch overhead)."""
+    from rl.kernels.triton import lightning as L
+    rows = []
+    for values in variants:
+        row = {"variant": {k: str(v) for k, v in values.items()}}
+        try:
+            with consts(L, **values):
+                ok, det = c["decode_check"]()
+                row["bitwise"] = "pass" if ok else "FAIL " + det
+                if ok:
+                    row["decode_ms"] = tune_ms(c["decode"], 100)
+                    c["decode"]()
+                    torch.cuda.synchronize()
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        c["decode"]()
+                    row["decode_graph_ms"] = tune_ms(g.replay, 100)
+        except Exception as err:
+            row["error"] = repr(err)[:300]
+        rows.append(row)
+        print(f"tune lightning decode: {row}", flush=True)
+    RESULTS.append({"name": "tune lightning decode (graph: CUDA graph replay)", "result": rows})
+    flush()
+
+
+def probe_lightning():
+    """One call each of decode (tile kernel, and tile off) and prefill, for `ncu`."""
+    from rl.kernels.triton import lightning as L
+    c = lightning_cases()
+    for _ in range(2):
+        c["decode"]()
+        with consts(L, Q_TILE=64):
+            c["decode"]()
+        c["prefill"]()
+    torch.cuda.synchronize()
 
 
 def tune_gemm():
@@ -655,13 +723,13 @@ def bench_slice():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/kernels_gpu_h200.json")
-    ap.add_argument("--only", default="", help="comma list: gemm,probe,rmsnorm,attn,lightning,moe,slice,tune (tune: variant tables, not in the default set)")
+    ap.add_argument("--only", default="", help="comma list: gemm,probe,rmsnorm,attn,lightning,moe,slice,tune,lprobe (tune: variant tables; lprobe: lightning calls for ncu; neither in the default set)")
     args = ap.parse_args()
     torch.manual_seed(0)
     parts = {"gemm": lambda: bench_gemm([1, 8, 64, 256, 4096, 16384]), "probe": probe_gemm_configs,
              "rmsnorm": bench_rmsnorm, "attn": bench_softmax_attention, "lightning": bench_lightning,
-             "moe": bench_moe, "slice": bench_slice, "tune": tune_all}
-    chosen = [p for p in parts if p in args.only.split(",")] if args.only else [p for p in parts if p != "tune"]
+             "moe": bench_moe, "slice": bench_slice, "tune": tune_all, "lprobe": probe_lightning}
+    chosen = [p for p in parts if p in args.only.split(",")] if args.only else [p for p in parts if p not in ("tune", "lprobe")]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     META.update(out=args.out, t0=time.time(), command="python bench/kernels_gpu.py " + " ".join(sys.argv[1:]),
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

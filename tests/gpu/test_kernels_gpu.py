@@ -229,6 +229,9 @@ def test_lightning_prefill_decode_bitwise(chunk):
         "decode": ([x // 2 for x in lengths], lambda it, i: 1),
         "chunked": ([min(x, 5) for x in lengths], lambda it, i: (1, chunk - 1, chunk + 3, 2 * chunk)[(it + i) % 4]),
         "one-by-one": ([1] * len(lengths), lambda it, i: 1),
+        # short chunks: some fit one 16-row query tile (the tile kernel), some straddle two
+        # tiles or a window boundary (the full-window kernel), in the same calls
+        "short chunks": ([min(x, 3) for x in lengths], lambda it, i: (2, 5, 16, 3, 1, 7)[(it + i) % 6]),
     }
     for name, (first, step_of) in schedules.items():
         state = (torch.full((slots, h, d, d), float("nan"), device=DEV),
@@ -241,6 +244,20 @@ def test_lightning_prefill_decode_bitwise(chunk):
             bm.state_indices = sidx
             out[rows] = T.lightning_attention(q[rows], k[rows], v[rows], ld, bm, state, chunk)
         assert_bitwise(out, full, f"state {name} chunk={chunk}")
+
+
+def test_lightning_decay_tables_kernel_equals_torch():
+    """The kernels' decay tables (one Triton launch, libdevice expf) have the bits of the cpu
+    backend's torch formulas evaluated on the same GPU, for the Ring slopes at every layer."""
+    from rl.kernels.triton.lightning import decay_tables, gpu_decay_tables
+    from rl.model.layers import alibi_slopes
+    for h, c, layers in ((16, 64, 20), (32, 64, 32), (4, 16, 4)):
+        for layer in range(layers):    # the model's log λ (engine form), made fp32 as it does
+            factor = 1.0 - layer / (layers - 1) + 1e-5
+            ld = torch.tensor([-s * factor for s in alibi_slopes(h)], dtype=torch.float32, device=DEV)
+            for got, want, what in zip(gpu_decay_tables(ld, c, 128 ** -0.5), decay_tables(ld, c, 128 ** -0.5),
+                                       ("q-decay", "k-decay", "intra", "window")):
+                assert_bitwise(got, want, f"{what} H={h} C={c} layer {layer}")
 
 
 def test_lightning_grad():

@@ -7,17 +7,30 @@ in its window, with S the state at the window start:
     o_t = λ^{j+1}·scale·(q_t S) + Σ_{s<=j} (q_t·k_s)·λ^{j-s}·scale · v_s
 and at the end of a full window S ← λ^C S + Σ_s kᵀ_s (λ^{C-1-s} v_s).
 
-One kernel, grid (sequence, head, V-block): a program walks its sequence's windows in order,
-holding S[:, V-block] in fp32 registers. Decode and chunked prefill are the same kernel: the
-per-request state holds S at the last window boundary plus the fp32 k/v of the ≤C-1 tokens
-since (`pending`); the program rebuilds the partial window from them and computes every row
-with the same [C, C] / [C, D] tiles, so a token's bits are the same from a full forward,
-prefill + decode, chunked prefill at any split, or a recompute. Rows of a window that are not
-(yet) there are zero and contribute exact zeros.
+Two kernels, grid (sequence, head, V-block), each taking the sequences the other leaves:
+  - `_lightning_tile_kernel`: sequences whose new tokens lie in one Q_TILE-row query tile of
+    one window (a decode step, a short chunk) compute only that tile: [Q_TILE, D] x [D, C],
+    [Q_TILE, C] x [C, BV], [Q_TILE, D] x [D, BV] products (the cpu backend's Q_TILE rows too).
+  - `_lightning_kernel`: the rest; a program walks its sequence's windows in order, holding
+    S[:, V-block] in fp32 registers, every row of a window at once ([C, .] products).
+The per-request state holds S at the last window boundary plus the fp32 k/v of the ≤C-1
+tokens since (`pending`); both kernels rebuild the partial window from them. Rows of a window
+that are not (yet) there are zero and contribute exact zeros. A row's products are the same
+k16 tensor-core steps in the same order in both kernels: the 16-row tile runs on mma.sync
+(M = 16), the full window on wgmma (M = 64), and on the H200 (Triton 3.6) the two give the
+same bits -- tests/gpu and the bench check it for every window offset. So a token's bits are
+the same from a full forward, prefill + decode, chunked prefill at any split, or a recompute.
+(A transposed tile form, wgmma with N = 16, gave other bits and faulted at D = 64: not used.)
+
+Decay tables (λ^{j+1}·scale, λ^{C-1-s}, λ^{j-s}·scale, λ^C): the cpu backend's formulas
+(`rl.kernels.cpu.lightning.decay_tables`), computed on the GPU by one small kernel
+(`_decay_tables_kernel`, libdevice expf) instead of ~20 torch ops a call; tests/gpu checks it
+gives the bits of the torch formulas on the same device.
 
 Precision: q·kᵀ on bf16 tensor cores (exact products, fp32 accumulate); products with an
 fp32 operand (the state S, the decayed scores P, the decayed values λ^{C-1-s} v_s) split that
-operand into SPLIT_PARTS bf16 parts (3 = fp32-accurate). fp32 model inputs use IEEE fp32 dots.
+operand into SPLIT_PARTS bf16 parts (3 = fp32-accurate). fp32 model inputs use IEEE fp32 dots
+(and the full-window kernel only).
 Gradients (trainer, no state): fla's `chunk_simple_gla` with `g_gamma` when installed, else a
 torch chunk-form reference; correct, not bit-identical.
 """
@@ -28,16 +41,22 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from rl.kernels.batch import BatchMeta
 from rl.kernels.cpu.lightning import decay_tables as cpu_decay_tables
 from rl.kernels.triton.autograd import with_reference_grad
 from rl.kernels.triton.matmul import MODE_BF16, MODE_IEEE, split_dot_a, split_dot_b
 
+# full-window kernel (H200 variant tables: bench/results/kernels_gpu_h200_tune4.json)
 BLOCK_V = 64
 SPLIT_PARTS = 3
 NUM_WARPS = 4     # 8 warps: 1 program an SM at 255 registers; 4: 2 programs, 35% faster (H200)
-NUM_STAGES = 1
+NUM_STAGES = 1    # 2 stages: shared memory for 1 program an SM, slower
+# tile kernel
+Q_TILE = 16       # Q_TILE >= C turns the tile kernel off (every sequence takes the full window)
+TILE_BV = 128
+TILE_WARPS = 8
 
 
 @triton.jit
@@ -59,11 +78,58 @@ def _mm_f32b(a, b, acc, MODE: tl.constexpr, PARTS: tl.constexpr):
 
 
 @triton.jit
+def _qk(q, k, MODE: tl.constexpr):
+    """q kᵀ: bf16 tensor cores, or IEEE fp32 for fp32 inputs."""
+    if MODE == 3:
+        return tl.dot(q, tl.trans(k), input_precision="ieee")
+    return tl.dot(q, tl.trans(k))
+
+
+@triton.jit
+def _rows(ptr, tok, s_n, s_h, h, cols, ok):
+    """x[tok[r], h, cols] for the rows r with ok[r], zeros elsewhere: [R, len(cols)]."""
+    return tl.load(ptr + tok[:, None] * s_n + h * s_h + cols[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _window_rows(ptr, tok, s_n, s_h, h, cols, is_new, p_base, p_off, is_pend, dtype, HAS_STATE: tl.constexpr):
+    """Rows of the first window: new tokens from `ptr`, the pending ones (fp32, exact copies of
+    `dtype` values) from the state, zeros elsewhere."""
+    x = _rows(ptr, tok, s_n, s_h, h, cols, is_new)
+    if HAS_STATE:
+        xp = tl.load(p_base + p_off, mask=is_pend[:, None], other=0.0)
+        x = tl.where(is_pend[:, None], xp.to(dtype), x)
+    return x
+
+
+@triton.jit
+def _fits_tile(pend, used, qlen, C: tl.constexpr, TQ: tl.constexpr):
+    return (qlen > 0) & (used <= C) & ((used - 1) // TQ == pend // TQ)
+
+
+@triton.jit
+def _decay_tables_kernel(ld_ptr, qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr, scale, C: tl.constexpr):
+    """The cpu backend's `decay_tables` (with the score scale folded in), one program a head:
+    q-decay·scale [C], k-decay [C], intra·scale [C, C], window decay λ^C; expf from libdevice."""
+    h = tl.program_id(0)
+    ld = tl.load(ld_ptr + h)
+    j = tl.arange(0, C).to(tl.float32)
+    tl.store(qdec_ptr + h * C + tl.arange(0, C), libdevice.exp(ld * (j + 1.0)) * scale)
+    tl.store(kdec_ptr + h * C + tl.arange(0, C), libdevice.exp(ld * ((C - 1.0) - j)))
+    diff = j[:, None] - j[None, :]
+    causal = diff >= 0
+    intra = tl.where(causal, libdevice.exp(ld * tl.where(causal, diff, 0.0)), 0.0)
+    ci = tl.arange(0, C)
+    tl.store(intra_ptr + h * C * C + ci[:, None] * C + ci[None, :], intra * scale)
+    tl.store(wdec_ptr + h, libdevice.exp(ld * C))
+
+
+@triton.jit
 def _lightning_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl_ptr, ctx_ptr,
                       qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
                       s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H,
                       D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
-                      MODE: tl.constexpr, PARTS: tl.constexpr):
+                      MODE: tl.constexpr, PARTS: tl.constexpr, TILE: tl.constexpr, TQ: tl.constexpr):
     seq = tl.program_id(0)
     h = tl.program_id(1)
     vb = tl.program_id(2)
@@ -73,9 +139,12 @@ def _lightning_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl
         ctx = tl.load(ctx_ptr + seq)
     else:
         ctx = start * 0
-    if qlen > 0:
-        pend = ctx % C
-        used = pend + qlen
+    pend = ctx % C
+    used = pend + qlen
+    run = qlen > 0
+    if TILE:   # sequences that fit one tile are the tile kernel's
+        run = run & (not _fits_tile(pend, used, qlen, C, TQ))
+    if run:
         n_win = tl.cdiv(used, C)
         n_full = used // C
         ci = tl.arange(0, C)
@@ -84,31 +153,27 @@ def _lightning_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl
         q_decay = tl.load(qdec_ptr + h * C + ci)                    # λ^{j+1}·scale
         k_decay = tl.load(kdec_ptr + h * C + ci)                    # λ^{C-1-s}
         w_decay = tl.load(wdec_ptr + h)                             # λ^C
+        intra = tl.load(intra_ptr + h * C * C + ci[:, None] * C + ci[None, :])   # λ^{j-s}·scale, s<=j
+        s_off = di[:, None] * D + vi[None, :]
+        p_base = pend_ptr
         if HAS_STATE:
             slot = tl.load(sidx_ptr + seq).to(tl.int64)
             s_base = s_ptr + (slot * H + h) * D * D
             p_base = pend_ptr + (slot * H + h) * C * 2 * D
-            S = tl.load(s_base + di[:, None] * D + vi[None, :], mask=(di[:, None] * 0 + vi[None, :] * 0 + ctx) > 0, other=0.0)
+            S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
         else:
             S = tl.zeros((D, BV), dtype=tl.float32)
+        # window 0 holds the pending rows (if any)
+        is_pend = ci < pend
+        is_new = (ci >= pend) & (ci < used)
+        tok = tl.where(is_new, start + ci - pend, 0).to(tl.int64)
+        q = _rows(q_ptr, tok, s_qn, s_qh, h, di, is_new)
+        k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, ci[:, None] * 2 * D + di[None, :],
+                         is_pend, q.dtype, HAS_STATE)
+        v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, ci[:, None] * 2 * D + D + vi[None, :],
+                         is_pend, q.dtype, HAS_STATE)
         for w in range(0, n_win):
-            p = w * C + ci
-            is_new = (p >= pend) & (p < used)
-            tok = tl.where(is_new, start + p - pend, 0).to(tl.int64)
-            q = tl.load(q_ptr + tok[:, None] * s_qn + h * s_qh + di[None, :], mask=is_new[:, None], other=0.0)
-            k = tl.load(k_ptr + tok[:, None] * s_kn + h * s_kh + di[None, :], mask=is_new[:, None], other=0.0)
-            v = tl.load(v_ptr + tok[:, None] * s_vn + h * s_vh + vi[None, :], mask=is_new[:, None], other=0.0)
-            if HAS_STATE:
-                is_pend = p < pend
-                kp = tl.load(p_base + p[:, None] * 2 * D + di[None, :], mask=is_pend[:, None], other=0.0)
-                vp = tl.load(p_base + p[:, None] * 2 * D + D + vi[None, :], mask=is_pend[:, None], other=0.0)
-                k = tl.where(is_pend[:, None], kp.to(k.dtype), k)
-                v = tl.where(is_pend[:, None], vp.to(v.dtype), v)
-            if MODE == 3:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            scores = scores * tl.load(intra_ptr + h * C * C + ci[:, None] * C + ci[None, :])   # λ^{j-s}·scale, s<=j
+            scores = _qk(q, k, MODE) * intra
             inter = _mm_f32b(q, S, tl.zeros((C, BV), dtype=tl.float32), MODE, PARTS)
             out = _mm_f32a(scores, v, inter * q_decay[:, None], MODE, PARTS)
             tl.store(o_ptr + (tok[:, None] * H + h) * D + vi[None, :], out.to(o_ptr.dtype.element_ty),
@@ -116,31 +181,112 @@ def _lightning_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl
             if w < n_full:
                 v_dec = v.to(tl.float32) * k_decay[:, None]
                 S = _mm_f32b(tl.trans(k), v_dec, S * w_decay, MODE, PARTS)
+            p = (w + 1) * C + ci
+            is_new = p < used
+            tok = tl.where(is_new, start + p - pend, 0).to(tl.int64)
+            q = _rows(q_ptr, tok, s_qn, s_qh, h, di, is_new)
+            k = _rows(k_ptr, tok, s_kn, s_kh, h, di, is_new)
+            v = _rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new)
         if HAS_STATE:
             if (n_full > 0) | (ctx == 0):
-                tl.store(s_base + di[:, None] * D + vi[None, :], S)
+                tl.store(s_base + s_off, S)
+
+
+@triton.jit
+def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl_ptr, ctx_ptr,
+                           qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
+                           s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H,
+                           D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, TQ: tl.constexpr,
+                           HAS_STATE: tl.constexpr, MODE: tl.constexpr, PARTS: tl.constexpr):
+    """Sequences whose new tokens lie in one TQ-row tile of one window (decode steps, short
+    chunks): only that tile's rows, from the window's k/v (pending + new) and S, with the full
+    window's products restricted to TQ rows. The new rows join `pending` here (rows >= pend,
+    which no program of this launch reads). Operands are loaded where they are used, and
+    reloaded for the rare window-completing state update, to keep few registers live."""
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    vb = tl.program_id(2)
+    start = tl.load(qsl_ptr + seq)
+    qlen = tl.load(qsl_ptr + seq + 1) - start
+    if HAS_STATE:
+        ctx = tl.load(ctx_ptr + seq)
+    else:
+        ctx = start * 0
+    pend = ctx % C
+    used = pend + qlen
+    if _fits_tile(pend, used, qlen, C, TQ):
+        ci = tl.arange(0, C)
+        di = tl.arange(0, D)
+        vi = vb * BV + tl.arange(0, BV)
+        ti = (pend // TQ) * TQ + tl.arange(0, TQ)
+        is_pend = ci < pend
+        is_new = (ci >= pend) & (ci < used)
+        tok = tl.where(is_new, start + ci - pend, 0).to(tl.int64)
+        q_new = (ti >= pend) & (ti < used)
+        q_tok = tl.where(q_new, start + ti - pend, 0).to(tl.int64)
+        k_off = ci[:, None] * 2 * D + di[None, :]
+        v_off = ci[:, None] * 2 * D + D + vi[None, :]
+        s_off = di[:, None] * D + vi[None, :]
+        p_base = pend_ptr
+        s_base = s_ptr
+        if HAS_STATE:
+            slot = tl.load(sidx_ptr + seq).to(tl.int64)
+            s_base = s_ptr + (slot * H + h) * D * D
+            p_base = pend_ptr + (slot * H + h) * C * 2 * D
+        q = _rows(q_ptr, q_tok, s_qn, s_qh, h, di, q_new)                       # [TQ, D]
+        k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, k_off, is_pend, q.dtype, HAS_STATE)
+        scores = _qk(q, k, MODE) * tl.load(intra_ptr + h * C * C + ti[:, None] * C + ci[None, :])
+        if HAS_STATE:
+            S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
+        else:
+            S = tl.zeros((D, BV), dtype=tl.float32)
+        inter = _mm_f32b(q, S, tl.zeros((TQ, BV), dtype=tl.float32), MODE, PARTS)
+        v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
+        out = _mm_f32a(scores, v, inter * tl.load(qdec_ptr + h * C + ti)[:, None], MODE, PARTS)
+        tl.store(o_ptr + (q_tok[:, None] * H + h) * D + vi[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=q_new[:, None])
+        if HAS_STATE:
+            if used == C:       # the window is complete: S moves on (as in the full-window kernel)
+                k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, k_off, is_pend, q.dtype, HAS_STATE)
+                v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
+                S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
+                v_dec = v.to(tl.float32) * tl.load(kdec_ptr + h * C + ci)[:, None]
+                S = _mm_f32b(tl.trans(k), v_dec, S * tl.load(wdec_ptr + h), MODE, PARTS)
+                tl.store(s_base + s_off, S)
+            else:
+                if ctx == 0:    # a fresh slot starts from zero whatever it held
+                    tl.store(s_base + s_off, tl.zeros((D, BV), dtype=tl.float32))
+                if vb == 0:
+                    kn = _rows(k_ptr, tok, s_kn, s_kh, h, di, is_new)
+                    tl.store(p_base + k_off, kn.to(tl.float32), mask=is_new[:, None])
+                vn = _rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new)
+                tl.store(p_base + v_off, vn.to(tl.float32), mask=is_new[:, None])
 
 
 @triton.jit
 def _pending_kernel(k_ptr, v_ptr, pend_ptr, sidx_ptr, qsl_ptr, ctx_ptr, s_kn, s_kh, s_vn, s_vh, H,
-                    D: tl.constexpr, C: tl.constexpr):
+                    D: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, TQ: tl.constexpr):
     """After `_lightning_kernel`: the new rows of each sequence's partial last window join
     `pending` at their window offsets. A separate launch, because the main kernel's V-block
-    programs read old pending rows that these writes may overwrite."""
+    programs read old pending rows that these writes may overwrite. Sequences that fit one
+    tile wrote theirs in the tile kernel."""
     seq = tl.program_id(0)
     h = tl.program_id(1)
     start = tl.load(qsl_ptr + seq)
     qlen = tl.load(qsl_ptr + seq + 1) - start
     pend = tl.load(ctx_ptr + seq) % C
     used = pend + qlen
-    if (qlen > 0) & (used % C > 0):
+    run = (qlen > 0) & (used % C > 0)
+    if TILE:
+        run = run & (not _fits_tile(pend, used, qlen, C, TQ))
+    if run:
         ci = tl.arange(0, C)
         di = tl.arange(0, D)
         p = (used // C) * C + ci
         is_new = (p >= pend) & (p < used)
         tok = tl.where(is_new, start + p - pend, 0).to(tl.int64)
-        k = tl.load(k_ptr + tok[:, None] * s_kn + h * s_kh + di[None, :], mask=is_new[:, None], other=0.0)
-        v = tl.load(v_ptr + tok[:, None] * s_vn + h * s_vh + di[None, :], mask=is_new[:, None], other=0.0)
+        k = _rows(k_ptr, tok, s_kn, s_kh, h, di, is_new)
+        v = _rows(v_ptr, tok, s_vn, s_vh, h, di, is_new)
         slot = tl.load(sidx_ptr + seq).to(tl.int64)
         p_base = pend_ptr + (slot * H + h) * C * 2 * D
         tl.store(p_base + ci[:, None] * 2 * D + di[None, :], k.to(tl.float32), mask=is_new[:, None])
@@ -149,9 +295,24 @@ def _pending_kernel(k_ptr, v_ptr, pend_ptr, sidx_ptr, qsl_ptr, ctx_ptr, s_kn, s_
 
 def decay_tables(log_decay: torch.Tensor, chunk: int, scale: float):
     """The cpu backend's fp32 tables (`rl.kernels.cpu.lightning.decay_tables`) with the score
-    scale folded in: q-decay·scale [H, C], k-decay [H, C], intra·scale [H, C, C], window [H]."""
+    scale folded in: q-decay·scale [H, C], k-decay [H, C], intra·scale [H, C, C], window [H]
+    (torch ops; the kernels get the same tables from `gpu_decay_tables`)."""
     q_decay, k_decay, intra, window = cpu_decay_tables(log_decay, chunk)
     return (q_decay * scale).contiguous(), k_decay.contiguous(), (intra * scale).contiguous(), window.contiguous()
+
+
+def gpu_decay_tables(log_decay: torch.Tensor, chunk: int, scale: float):
+    """`decay_tables` from one kernel launch: (q-decay·scale [H, C], k-decay [H, C],
+    intra·scale [H, C, C], window [H]), fp32 views of one buffer."""
+    h = log_decay.shape[0]
+    c = chunk
+    buf = torch.empty(h * (2 * c + c * c + 1), dtype=torch.float32, device=log_decay.device)
+    q_dec, k_dec = buf[: h * c].view(h, c), buf[h * c: 2 * h * c].view(h, c)
+    intra = buf[2 * h * c: 2 * h * c + h * c * c].view(h, c, c)
+    w_dec = buf[2 * h * c + h * c * c:]
+    _decay_tables_kernel[(h,)](log_decay.float().contiguous(), q_dec, k_dec, intra, w_dec, scale, C=c,
+                               num_warps=4)
+    return q_dec, k_dec, intra, w_dec
 
 
 def _lightning_fast(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
@@ -161,7 +322,7 @@ def _lightning_fast(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
     o = torch.empty((n, h, d), dtype=q.dtype, device=q.device)
     if n == 0:
         return o
-    q_dec, k_dec, intra, w_dec = decay_tables(log_decay, chunk_size, d ** -0.5)
+    q_dec, k_dec, intra, w_dec = gpu_decay_tables(log_decay, chunk_size, d ** -0.5)
     has_state = state is not None
     if has_state:
         s_pool, pend_pool = state
@@ -176,15 +337,26 @@ def _lightning_fast(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
         sidx = batch.query_start_loc
     bv = min(BLOCK_V, d)
     mode = MODE_IEEE if q.dtype == torch.float32 else MODE_BF16
+    tq, tbv = Q_TILE, min(TILE_BV, d)
+    # the tile kernel where it saves work (C > tq) and the full window's products run on
+    # wgmma (C a multiple of 64; checked equal to the tile's mma.sync on the H200); fp32
+    # inputs keep the full-window kernel (IEEE FMA dots, not checked)
+    tile = mode != MODE_IEEE and chunk_size > tq and chunk_size % tq == 0 and chunk_size % 64 == 0
+    args = (q, k, v, o, s_pool, pend_pool, sidx, batch.query_start_loc, batch.context_lens,
+            q_dec, k_dec, intra, w_dec, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), h)
+    if tile:
+        _lightning_tile_kernel[(batch.num_seqs, h, d // tbv)](
+            *args, D=d, C=chunk_size, BV=tbv, TQ=tq, HAS_STATE=has_state, MODE=mode, PARTS=SPLIT_PARTS,
+            num_warps=TILE_WARPS, num_stages=1)
     _lightning_kernel[(batch.num_seqs, h, d // bv)](
-        q, k, v, o, s_pool, pend_pool, sidx, batch.query_start_loc, batch.context_lens,
-        q_dec, k_dec, intra, w_dec, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), h, D=d, C=chunk_size, BV=bv, HAS_STATE=has_state, MODE=mode,
-        PARTS=SPLIT_PARTS, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        *args, D=d, C=chunk_size, BV=bv, HAS_STATE=has_state, MODE=mode, PARTS=SPLIT_PARTS,
+        TILE=tile, TQ=tq, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if has_state:
         _pending_kernel[(batch.num_seqs, h)](
             k, v, pend_pool, sidx, batch.query_start_loc, batch.context_lens,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), h, D=d, C=chunk_size, num_warps=4)
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), h, D=d, C=chunk_size, TILE=tile, TQ=tq,
+            num_warps=4)
     return o
 
 
