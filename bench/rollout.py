@@ -14,8 +14,13 @@ The stock Qwen2 matches the layer count, hidden size, heads, KV heads, head_dim 
 its dense MLP width is our per-token active MLP width (top-k + shared experts times the
 expert width), so both do about the same matmul work per token.
 
-Also runs our model in the same plugin with rl.kernels' `stock` mode (plain torch ops,
-not batch-invariant) to separate the integration's cost from the invariant kernels' price.
+Also runs, in the same run:
+  - our model in the same plugin with rl.kernels' `stock` mode (plain torch ops, not
+    batch-invariant), to separate the integration's cost from the invariant kernels' price;
+  - vLLM's own BailingMoeV2 (Ling 2.0: the same MoE blocks, router, shared expert, qk-norm
+    and partial RoPE, softmax attention in every layer) at the same width, depth and experts,
+    random weights: the stock MoE model nearest to ours. At decode batch sizes every expert is
+    read each step, so the MoE reads ~3x the weight bytes of the dense Qwen2 per token.
 
 Refuses to report if the lockstep engine's logprobs are not bit-identical to the trainer
 forward (checked on the timed batch's first samples).
@@ -77,10 +82,24 @@ def qwen2_config(cfg) -> dict:
             "hidden_act": "silu", "use_sliding_window": False}
 
 
-def bench_stock(cfg, prompts, new_tokens: int) -> dict:
+def ling_moe_config(cfg) -> dict:
+    """vLLM's BailingMoeV2ForCausalLM (no HF config class of its own in transformers: the
+    qwen2_moe config class carries the extra fields it reads)."""
+    same = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+            "num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_shared_experts",
+            "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "partial_rotary_factor"]
+    return {**{k: getattr(cfg, k) for k in same}, "architectures": ["BailingMoeV2ForCausalLM"],
+            "model_type": "qwen2_moe", "score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+            "norm_topk_prob": True, "use_bias": False, "use_qkv_bias": False, "use_qk_norm": True,
+            "use_rmsnorm": True, "embedding_dropout": 0.0, "router_dtype": "fp32",
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu"}
+
+
+def bench_stock(config: dict, cfg, prompts, new_tokens: int) -> dict:
     from vllm import LLM, SamplingParams
-    directory = Path(tempfile.mkdtemp(prefix="lockstep-bench-qwen2-"))
-    (directory / "config.json").write_text(json.dumps(qwen2_config(cfg)))
+    directory = Path(tempfile.mkdtemp(prefix="lockstep-bench-stock-"))
+    (directory / "config.json").write_text(json.dumps(config))
     started = time.perf_counter()
     llm = LLM(model=str(directory), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               enforce_eager=True, seed=0, enable_prefix_caching=False, max_num_seqs=ENGINE["max_num_seqs"],
@@ -97,7 +116,7 @@ def bench_stock(cfg, prompts, new_tokens: int) -> dict:
         seconds = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "startup_s": startup,
-                "intermediate_size": qwen2_config(cfg)["intermediate_size"]}
+                "architecture": config["architectures"][0], "intermediate_size": config["intermediate_size"]}
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -112,6 +131,8 @@ def main() -> int:
     parser.add_argument("--check-samples", type=int, default=4)
     parser.add_argument("--no-stock-ops", dest="stock_ops", action="store_false",
                         help="skip the run of our model with rl.kernels' stock ops")
+    parser.add_argument("--no-ling", dest="ling", action="store_false",
+                        help="skip vLLM's own BailingMoeV2 (stock MoE of the same size)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from rl.model.config import load_model_config
@@ -124,10 +145,14 @@ def main() -> int:
         new_tokens = args.new_tokens or defaults.get(name, (16, 64))[1]
         prompts = make_prompts(num_prompts, cfg.vocab_size)
         ours = bench_lockstep(config_path, prompts, new_tokens, args.check_samples, "lockstep")
-        stock = bench_stock(cfg, prompts, new_tokens)
+        stock = bench_stock(qwen2_config(cfg), cfg, prompts, new_tokens)
         entry = {"prompts": num_prompts, "new_tokens": new_tokens, "prompt_tokens": sum(map(len, prompts)),
                  "lockstep": ours, "stock_qwen2": stock,
                  "ratio_tokens_per_s": ours["tokens_per_s"] / stock["tokens_per_s"]}
+        if args.ling:
+            ling = bench_stock(ling_moe_config(cfg), cfg, prompts, new_tokens)
+            entry["stock_ling_moe"] = ling
+            entry["ratio_vs_ling_moe"] = ours["tokens_per_s"] / ling["tokens_per_s"]
         if args.stock_ops:
             # our model in the same plugin with rl.kernels' `stock` mode (plain torch ops):
             # separates the integration's cost from the invariant kernels' price
