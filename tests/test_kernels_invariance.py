@@ -65,9 +65,11 @@ def test_prepacked_linear_gives_the_plain_bits(n, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_rms_norm_batch_invariant(dtype):
-    w = torch.randn(128).to(dtype)
-    rows_invariant(lambda t: K.rms_norm(t, w, 1e-6), torch.randn(1000, 128).to(dtype), "rms_norm")
+@pytest.mark.parametrize("d", [128, 399, 400, 1024], ids=lambda v: f"D{v}")
+def test_rms_norm_batch_invariant(dtype, d):
+    """Rows shorter than norm.SHORT_ROW take the per-row bmm, longer ones row_sum: both sides."""
+    w = torch.randn(d).to(dtype)
+    rows_invariant(lambda t: K.rms_norm(t, w, 1e-6), torch.randn(1000, d).to(dtype), f"rms_norm D={d}")
     wh = torch.randn(32).to(dtype)
     rows_invariant(lambda t: K.rms_norm(t, wh, 1e-6), torch.randn(1000, 4, 32).to(dtype), "per-head rms_norm")
 

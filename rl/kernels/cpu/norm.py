@@ -1,7 +1,9 @@
 """RMSNorm forms on CPU: row-wise, fp32 statistics, never fused with the residual add.
 
-A row's statistic is its sum of squares through `matmul.row_sum` (a fixed-shape product),
-never an ATen reduction, whose order can change with the whole tensor's shape.
+A row's statistic is its sum of squares, never an ATen reduction (whose order can change with
+the whole tensor's shape): for rows shorter than SHORT_ROW, one `bmm` of each row with itself
+([1, D] x [D, 1] per row; ATen runs products this small as one sequential loop each), else
+`matmul.row_sum` (a fixed-shape product). Either way a row's bits depend only on the row.
 """
 from __future__ import annotations
 
@@ -11,9 +13,19 @@ from rl.kernels.cpu.elementwise import sigmoid
 from rl.kernels.cpu.matmul import row_sum
 
 
+SHORT_ROW = 400     # ATen's bmm computes a product of fewer multiply-adds as a plain loop
+
+
+def _sum_of_squares(xf: torch.Tensor) -> torch.Tensor:
+    """[M, D] fp32 -> [M, 1]."""
+    if xf.shape[-1] < SHORT_ROW:
+        return torch.bmm(xf.unsqueeze(1), xf.unsqueeze(2)).view(-1, 1)
+    return row_sum(xf * xf)[:, None]
+
+
 def _normalize(x2d: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x2d.float()
-    mean_sq = row_sum(xf * xf)[:, None].div_(xf.shape[-1])
+    mean_sq = _sum_of_squares(xf).div_(xf.shape[-1])
     return xf * mean_sq.add_(eps).rsqrt_()
 
 
