@@ -64,20 +64,12 @@ def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
     """x [N, Hd]; topk_ids/topk_weights [N, k] (ids ascending); per-expert weights indexable
     by expert: gate_w[e], up_w[e] [I, Hd], down_w[e] [Hd, I] -> [N, Hd] in x.dtype."""
     num_tokens, k = topk_ids.shape
-    if num_tokens == 0:
-        return x.new_zeros(x.shape)
     flat_ids = topk_ids.reshape(-1)
-    # (token, slot) pairs grouped by expert: one gather of the rows, contiguous per expert
-    order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=len(gate_w)).tolist()
-    rows = x[order // k]
-    results, start = [], 0
-    for e, count in enumerate(counts):
-        if count:
-            results.append(expert_mlp(rows[start:start + count], gate_w[e], up_w[e], down_w[e]))
-            start += count
-    outputs = torch.empty((num_tokens * k, x.shape[1]), dtype=x.dtype, device=x.device)
-    outputs[order] = torch.cat(results) if len(results) > 1 else results[0]
+    outputs = x.new_zeros((num_tokens * k, x.shape[1]), dtype=x.dtype)
+    for e in torch.unique(flat_ids).tolist():
+        pairs = (flat_ids == e).nonzero(as_tuple=True)[0]
+        y = expert_mlp(x[pairs // k], gate_w[e], up_w[e], down_w[e])
+        outputs = outputs.index_put((pairs,), y)
     outputs = outputs.view(num_tokens, k, -1).float()
     weights = topk_weights.float()
     combined = weights[:, 0, None] * outputs[:, 0]
