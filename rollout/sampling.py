@@ -23,12 +23,17 @@ SEED_KEY = "lockstep_seed"          # SamplingParams.extra_args key carrying a r
 _M32 = 0xFFFFFFFF
 
 
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """`_mix32` in place on an int64 tensor the caller owns (no temporaries)."""
+    for _ in range(2):
+        x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (xor-shift-multiply rounds) on int64 tensors holding values < 2^32.
     Every product stays below 2^63, so nothing relies on integer overflow."""
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
-    return x ^ (x >> 16)
+    return _mix32_(x.clone())
 
 
 def _mix32_int(x: int) -> int:
@@ -49,13 +54,6 @@ def request_seed(seed: int, prompt_index: int, sample_index: int = 0) -> int:
     derived through the prompt's seed, so a caller that passes prompt seeds (RolloutPool,
     sharding prompts over workers) gets the same samples as one call with `seed`."""
     return derive_seed(derive_seed(seed, prompt_index), sample_index)
-
-
-def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    """`_mix32` in place on a fresh int64 tensor (the same values, no temporaries)."""
-    for _ in range(2):
-        x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_M32)
-    return x.bitwise_xor_(x >> 16)
 
 
 @functools.lru_cache(maxsize=8)

@@ -41,7 +41,7 @@ def test_linear_batch_invariant(dtype, n, k):
     rows_invariant(lambda t: K.linear(t, w), x, f"linear {n}x{k}")
 
 
-@pytest.mark.parametrize("n", [128, 1300], ids=["router", "lm_head"])
+@pytest.mark.parametrize("n", [128, 700, 1300], ids=["router", "lm_head-one-block", "lm_head"])
 def test_linear_fp32_out_batch_invariant(n):
     w = torch.randn(n, 64).bfloat16()
     rows_invariant(lambda t: K.linear(t, w, out_dtype=torch.float32), torch.randn(1000, 64).bfloat16(),

@@ -69,7 +69,12 @@ def test_masked_tokens_are_never_drawn():
 
 def test_noise_is_the_plain_formula():
     """gumbel_noise (in-place, cached token hashes) gives exactly the written-out definition."""
-    from rollout.sampling import _M32, _mix32, gumbel_noise
+    from rollout.sampling import _M32, gumbel_noise
+
+    def _mix32(x):                       # the hash written out, out of place
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+        return x ^ (x >> 16)
     seeds = torch.tensor([0, 2 ** 40 + 7, 2 ** 62 + 3], dtype=torch.int64)
     positions = torch.tensor([0, 5, 1000], dtype=torch.int64)
     row = _mix32(_mix32((seeds & _M32) ^ _mix32(seeds >> 32)) ^ (positions & _M32))

@@ -147,7 +147,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
         vw.index_put_(where, v.float())
     kwin = kw.unflatten(2, (num_windows, c))                   # [B, H, W, C, D]
     vwin = vw.unflatten(2, (num_windows, c))
-    q_decay, k_decay, intra_mask, window_decay = decay_tables(log_decay, c)
+    q_decay, k_decay, intra_mask, window_decay = _tables(tuple(log_decay.tolist()), c)
 
     # the state at each window start; a full window advances it by its k/v product, computed
     # only for full windows (a decode step rarely completes one)

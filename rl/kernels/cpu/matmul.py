@@ -74,7 +74,7 @@ def matmul_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         nb = full // COL_BLOCK
         blocks = weight[:full].view(nb, COL_BLOCK, k).transpose(1, 2)          # [nb, K, CB]
         if n_tiles == 1:             # decode: the column blocks are the bmm's matrices
-            y = torch.bmm(xp.expand(nb, -1, -1), blocks)                       # [nb, TM, CB]
+            y = bmm_fixed(xp.expand(nb, -1, -1), blocks)                     # [nb, TM, CB]
             parts.append(y.transpose(0, 1).reshape(1, FP32_TILE_M, full))
         else:
             y = xp.new_empty((n_tiles, FP32_TILE_M, full))
