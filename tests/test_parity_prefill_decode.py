@@ -64,7 +64,7 @@ def _attention_split(q, k, v, splits, block_size=16, seed=0):
     return _run_split(call, q.shape[0], splits)
 
 
-@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])      # 64, 128: pages of whole key blocks
 @pytest.mark.parametrize("splits", [[1] * 200, [37, 1, 1, 5], [64, 64, 3], [150]], ids=["decode", "37+decode", "blocks", "one"])
 def test_attention_full_equals_paged_split(block_size, splits):
     t = 150
@@ -72,6 +72,46 @@ def test_attention_full_equals_paged_split(block_size, splits):
     k, v = torch.randn(t, 2, 32).bfloat16(), torch.randn(t, 2, 32).bfloat16()
     full = K.softmax_attention(q, k, v, BatchMeta.from_lengths([t]))
     assert_bits_equal(_attention_split(q, k, v, splits, block_size), full, f"attention bs={block_size}")
+
+
+@pytest.mark.parametrize("block_size", [16, 64, 128])
+def test_attention_batched_decode_of_mixed_lengths(block_size):
+    """Sequences of different lengths decoded together from NaN-filled pages (the keys and
+    values past each one's length are masked per sequence): every row == its full forward."""
+    lengths, prompt = [150, 70, 5], [100, 64, 1]
+    gen = torch.Generator().manual_seed(block_size)
+    data = [tuple(torch.randn(t, h, 32, generator=gen).bfloat16() for h in (4, 2, 2)) for t in lengths]
+    fulls = [K.softmax_attention(q, k, v, BatchMeta.from_lengths([q.shape[0]])) for q, k, v in data]
+    pages = [-(-t // block_size) for t in lengths]
+    cache = torch.full((sum(pages) + 5, 2, block_size, 64), float("nan"), dtype=torch.bfloat16)
+    order = torch.randperm(cache.shape[0], generator=gen)
+    tables, at = torch.zeros((3, max(pages)), dtype=torch.int32), 0
+    for i, n in enumerate(pages):
+        tables[i, :n] = order[at:at + n]
+        at += n
+    outs = [torch.zeros_like(f) for f in fulls]
+    done = [0, 0, 0]
+
+    def step(seqs, counts):
+        batch = BatchMeta.from_lengths(counts, [done[i] for i in seqs])
+        batch.block_table = tables[seqs]
+        pos = torch.cat([torch.arange(done[i], done[i] + c) for i, c in zip(seqs, counts)])
+        seq_of = torch.cat([torch.full((c,), j) for j, c in enumerate(counts)])
+        batch.slot_mapping = batch.block_table[seq_of, pos // block_size].long() * block_size + pos % block_size
+        q, k, v = (torch.cat([data[i][n][done[i]:done[i] + c] for i, c in zip(seqs, counts)]) for n in range(3))
+        o = K.softmax_attention(q, k, v, batch, cache)
+        at = 0
+        for i, c in zip(seqs, counts):
+            outs[i][done[i]:done[i] + c] = o[at:at + c]
+            at += c
+            done[i] += c
+
+    step([0, 1, 2], prompt)
+    while any(d < t for d, t in zip(done, lengths)):
+        seqs = [i for i in range(3) if done[i] < lengths[i]]
+        step(seqs, [1] * len(seqs))
+    for i in range(3):
+        assert_bits_equal(outs[i], fulls[i], f"attention batched decode seq {i} bs={block_size}")
 
 
 @settings(max_examples=15, deadline=None)

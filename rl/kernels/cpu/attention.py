@@ -42,20 +42,37 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, length: int):
     """Logical K/V [B, Hkv, length, D] in fp32 from pages; values at positions >= seq_len are
     zero, keys there are whatever the pages hold (attention masks them). Reads only the
-    `length` positions, not whole pages (vLLM's pages can be 1024 tokens), as one row gather."""
+    `length` positions, not whole pages (vLLM's pages can be 1024 tokens): when a page holds
+    whole BLOCK_K-position blocks, one gather of BLOCK_K-row runs, else one row gather."""
     blocks_total, hkv, block_size, d2 = kv_cache.shape
-    t = torch.arange(length, device=kv_cache.device)
-    page = torch.clamp(t // block_size, max=block_table.shape[1] - 1)
-    blocks = block_table[:, page].long()                              # [B, length]
-    if kv_cache.is_contiguous():
+    num_seqs = block_table.shape[0]
+    if kv_cache.is_contiguous() and block_size % BLOCK_K == 0 and length % BLOCK_K == 0:
+        runs_per_page = block_size // BLOCK_K
+        start = torch.arange(0, length, BLOCK_K, device=kv_cache.device)
+        page = torch.clamp(start // block_size, max=block_table.shape[1] - 1)
+        blocks = block_table[:, page].long()                          # [B, n_blocks]
+        heads = torch.arange(hkv, device=kv_cache.device)
+        runs = ((blocks[:, None, :] * hkv + heads[None, :, None]) * runs_per_page
+                + (start % block_size // BLOCK_K)[None, None, :])     # [B, Hkv, n_blocks]
+        kv = kv_cache.view(-1, BLOCK_K * d2).index_select(0, runs.reshape(-1))
+    elif kv_cache.is_contiguous():
+        t = torch.arange(length, device=kv_cache.device)
+        page = torch.clamp(t // block_size, max=block_table.shape[1] - 1)
+        blocks = block_table[:, page].long()                          # [B, length]
         heads = torch.arange(hkv, device=kv_cache.device)
         rows = (blocks[:, None, :] * hkv + heads[None, :, None]) * block_size + (t % block_size)[None, None, :]
         kv = kv_cache.view(blocks_total * hkv * block_size, d2).index_select(0, rows.reshape(-1))
-        kv = kv.view(blocks.shape[0], hkv, length, d2).float()         # [B, Hkv, length, 2D]
     else:
-        kv = kv_cache[blocks, :, t % block_size].transpose(1, 2).float()
-    # p = 0 at positions past seq_len, and 0 * garbage could be NaN: zero those values
-    kv[..., d2 // 2:].masked_fill_((t[None, :] >= seq_lens[:, None])[:, None, :, None], 0.0)
+        t = torch.arange(length, device=kv_cache.device)
+        page = torch.clamp(t // block_size, max=block_table.shape[1] - 1)
+        kv = kv_cache[block_table[:, page].long(), :, t % block_size].transpose(1, 2)
+    kv = kv.reshape(num_seqs, hkv, length, d2)
+    # p = 0 at positions past seq_len, and 0 * garbage could be NaN: zero those values (in the
+    # cache dtype, before widening; only from the shortest sequence's length on)
+    first = min(int(seq_lens.min()), length)
+    t_tail = torch.arange(first, length, device=kv_cache.device)
+    kv[:, :, first:, d2 // 2:].masked_fill_((t_tail[None, :] >= seq_lens[:, None])[:, None, :, None], 0.0)
+    kv = kv.float()
     return kv[..., : d2 // 2], kv[..., d2 // 2:]
 
 
