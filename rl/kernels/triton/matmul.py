@@ -21,6 +21,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 MODE_BF16, MODE_SPLIT_A, MODE_SPLIT_B, MODE_IEEE = 0, 1, 2, 3
 
@@ -72,23 +73,30 @@ def mm_acc(a, b, acc, MODE: tl.constexpr):
     return acc
 
 
+@triton.jit
+def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Tile index -> (pid_m, pid_n), GROUP_M row tiles side by side (L2 reuse of B)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_m = (tile // num_pid_in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % group_size)
+    pid_n = (tile % num_pid_in_group) // group_size
+    return pid_m, pid_n
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                  stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                  NUM_PROGS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, MODE: tl.constexpr):
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, MODE: tl.constexpr,
+                 FLATTEN: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
-    num_pid_in_group = GROUP_M * num_pid_n
     offs_k0 = tl.arange(0, BLOCK_K)
-    for tile in range(pid, num_tiles, NUM_PROGS):
-        group_id = tile // num_pid_in_group
-        first_m = group_id * GROUP_M
-        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % group_size)
-        pid_n = (tile % num_pid_in_group) // group_size
+    for tile in tl.range(pid, num_tiles, NUM_PROGS, flatten=FLATTEN):
+        pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
@@ -102,6 +110,31 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
             b = tl.load(b_ptr + cols[None, :] * stride_bn + offs_k[:, None] * stride_bk,
                         mask=k_ok[:, None], other=0.0)
             acc = mm_acc(a, b, acc, MODE)
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemm_kernel_tma(a_desc, b_desc, c_ptr, M, N, K, stride_cm, stride_cn,
+                     NUM_PROGS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+                     WARP_SPEC: tl.constexpr):
+    """bf16 x bf16 only: the same K walk as `_gemm_kernel`, tiles brought by the TMA engine
+    (out-of-range rows and K columns arrive as zeros, like the masked loads' `other=0`)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    for tile in tl.range(pid, num_tiles, NUM_PROGS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
+        pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            b = b_desc.load([pid_n * BLOCK_N, k0])
+            acc = tl.dot(a, b.T, acc)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty),
                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -141,6 +174,11 @@ def gemm_config(n: int, k: int, mode: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A TMA descriptor needs a 16-byte aligned base and row stride and unit column stride."""
+    return (t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0)
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int) -> int:
     if not torch.cuda.is_available():
@@ -158,11 +196,20 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, config: 
     if m == 0:
         return c
     per_sm = cfg.pop("PROGS_PER_SM", 1)
+    tma = cfg.pop("TMA", False)
+    flatten = cfg.pop("FLATTEN", False)
+    warp_spec = cfg.pop("WARP_SPEC", False)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     dev = a.device.index if a.device.type == "cuda" else 0
     progs = max(1, min(per_sm * num_sms(dev), tiles))
-    _gemm_kernel[(progs,)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                           c.stride(0), c.stride(1), progs, MODE=mode, **cfg)
+    if tma and mode == MODE_BF16 and _tma_ok(a) and _tma_ok(b):
+        a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+        b_desc = TensorDescriptor(b, [n, k], [b.stride(0), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+        _gemm_kernel_tma[(progs,)](a_desc, b_desc, c, m, n, k, c.stride(0), c.stride(1), progs,
+                                   FLATTEN=flatten, WARP_SPEC=warp_spec, **cfg)
+    else:
+        _gemm_kernel[(progs,)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                               c.stride(0), c.stride(1), progs, MODE=mode, FLATTEN=flatten, **cfg)
     return c
 
 
