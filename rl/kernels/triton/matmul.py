@@ -1,10 +1,23 @@
-"""Batch-invariant GEMM on the GPU: one persistent Triton kernel, one config per (N, K).
+"""Batch-invariant GEMM on the GPU: persistent Triton kernels, one reduction per (N, K, dtypes).
 
 `linear(x [..., K], weight [N, K])` computes y = x Wᵀ with fp32 accumulation. Every output
-element is reduced over K by the same program shape: BLOCK_K-wide K blocks in ascending
-order, each a fixed sequence of tensor-core steps, no split-K. The tile shape depends only on
-(N, K, dtypes), never on M, so a row's bits do not depend on how many rows share the call, on
-their values, or on where the row sits in its tile (M is not even specialised on).
+element is reduced over K the same way in every call: BLOCK_K-wide K blocks in ascending
+order, each a fixed sequence of k16 tensor-core steps into one fp32 accumulator, no split-K.
+BLOCK_K and the precision mode depend only on (N, K, dtypes) (`gemm_config`).
+
+What varies with M (bf16 x bf16 only; `tile_config`, buckets `M_BUCKETS`): the output tile
+(BLOCK_M, BLOCK_N), warps, pipeline depth, programs per SM and how operands reach shared
+memory (pointer loads, or TMA descriptors for M > 1024). Small M gets small tiles so that the
+weight is streamed by many SMs (decode), large M the 128x256 tiles. Why a row's bits do not
+change: an output element is acc = 0, then for each K block in order, for each k16 step in
+order, acc = mma(a[row, k16], b[k16, col], acc). The tile shape only decides which elements
+a program holds and which instruction issues the step (mma.sync m16n8k16 for BLOCK_M < 64,
+wgmma for BLOCK_M >= 64); the step's inputs and the sequence of steps per element are the
+same, and on the H200 both instructions give the same bits (tests/gpu: every bucket, every
+(N, K) the model uses, bf16 and fp32 output, rows alone vs inside small- and large-M calls;
+bench `--only tune` checks each candidate tile against the 128x256 one). Out-of-range rows
+and K columns are zero in both load paths, and rows never mix. The fp32 modes below keep
+one tile per (N, K) regardless of M.
 
 Precision (DESIGN.md §2 rule 5, "no TF32 for fp32 inputs"):
   - bf16 x bf16: bf16 tensor cores, exact products, fp32 accumulate (lm_head, router).
@@ -14,6 +27,7 @@ Precision (DESIGN.md §2 rule 5, "no TF32 for fp32 inputs"):
   - fp32 x fp32: IEEE fp32 FMA dot (`input_precision="ieee"`), slow but exact-rule.
 Backward (trainer only): plain torch matmuls; gradients need be correct, not invariant.
 """
+
 from __future__ import annotations
 
 import functools
@@ -86,16 +100,15 @@ def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
-                 stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
-                 NUM_PROGS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, MODE: tl.constexpr,
-                 FLATTEN: tl.constexpr):
+                 stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, NUM_PROGS,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, MODE: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
     offs_k0 = tl.arange(0, BLOCK_K)
-    for tile in tl.range(pid, num_tiles, NUM_PROGS, flatten=FLATTEN):
+    for tile in range(pid, num_tiles, NUM_PROGS):
         pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -116,17 +129,16 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemm_kernel_tma(a_desc, b_desc, c_ptr, M, N, K, stride_cm, stride_cn,
-                     NUM_PROGS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
-                     WARP_SPEC: tl.constexpr):
-    """bf16 x bf16 only: the same K walk as `_gemm_kernel`, tiles brought by the TMA engine
+def _gemm_kernel_tma(a_desc, b_desc, c_ptr, M, N, K, stride_cm, stride_cn, NUM_PROGS,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """bf16 x bf16 only: `_gemm_kernel`'s K walk with tiles brought by the TMA engine
     (out-of-range rows and K columns arrive as zeros, like the masked loads' `other=0`)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
-    for tile in tl.range(pid, num_tiles, NUM_PROGS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
+    for tile in range(pid, num_tiles, NUM_PROGS):
         pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -154,29 +166,52 @@ def precision_mode(a_dtype: torch.dtype, b_dtype: torch.dtype) -> int:
 
 
 def gemm_config(n: int, k: int, mode: int) -> dict:
-    """The one config for (N, K, precision mode); deliberately independent of M."""
+    """The reduction for (N, K, precision mode): BLOCK_K (and, for the fp32 modes, the whole
+    tile, which they keep for every M). Deliberately independent of M."""
     if mode == MODE_IEEE:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
     if mode in (MODE_SPLIT_A, MODE_SPLIT_B):
         return dict(BLOCK_M=128, BLOCK_N=64 if n <= 512 else 128, BLOCK_K=64, GROUP_M=8,
                     num_warps=8, num_stages=3)
-    # bf16: the tile shape never changes a bit (the per-element k16 tensor-core steps do not
-    # depend on it: 128x256, 128x128, 64x256, 64x128, 64x64, 128x64 and BK 128 gave the bits
-    # of the shipped config on an H200), only the speed; H200 timings (kernels_gpu_h200_tune1.json):
-    #   N >= 4096 (qkv 6144, lm_head): 128x256, 4 stages (3 stages: 1-13% slower, by M).
-    #   2048 <= N < 4096: 64x256, 4 stages: at M <= 64 10-30% faster than 128x128 with 4 stages
-    #   (more programs at small M), within 5% from M = 256 up.
-    #   narrower N: 128x128, 4 stages (more N tiles for small M).
-    if n >= 4096:
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-    if n >= 2048:
-        return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_K=64)
+
+
+# bf16 tiles by M (upper bounds, inclusive); H200 timings in bench/results (tune5, run8).
+#   M <= 16: 16-row tiles (mma.sync), 64 (N >= 4096) or 32 columns: 96 / 64 programs stream
+#     the qkv / dense weight, where 128x256 tiles left 24 / 8 column tiles (2.5x cuBLAS).
+#   M <= 64 and <= 256: 64-row tiles (wgmma), two programs per SM, narrow columns again.
+#   M <= 1024: 128x128.  Above: 128x256 through TMA descriptors, 3 stages (1.07x cuBLAS at
+#   M = 4096 / 16384 where pointer loads gave 1.16).
+M_BUCKETS = (16, 64, 256, 1024)
+
+
+def tile_config(m: int, n: int, k: int, mode: int) -> dict:
+    """The launch config of one call: `gemm_config`'s reduction plus the tile for M's bucket
+    (a cached dict: read it, do not change it)."""
+    if mode != MODE_BF16:
+        return gemm_config(n, k, mode)
+    return _bf16_tile(sum(m > b for b in M_BUCKETS), n >= 4096, k)
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_tile(bucket: int, wide_n: bool, k: int) -> dict:
+    red = gemm_config(0, k, MODE_BF16)
+    if bucket == 0:
+        tile = dict(BLOCK_M=16, BLOCK_N=64 if wide_n else 32, num_warps=4, num_stages=6)
+    elif bucket == 1:
+        tile = dict(BLOCK_M=64, BLOCK_N=64 if wide_n else 32, num_warps=4, num_stages=4, PROGS_PER_SM=2)
+    elif bucket == 2:
+        tile = dict(BLOCK_M=64, BLOCK_N=128 if wide_n else 64, num_warps=4, num_stages=4, PROGS_PER_SM=2)
+    elif bucket == 3:
+        tile = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4)
+    else:
+        tile = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3, TMA=True)
+    return dict(GROUP_M=8, **red, **tile)
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
-    """A TMA descriptor needs a 16-byte aligned base and row stride and unit column stride."""
-    return (t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0)
+    """A TMA descriptor needs a 16-byte aligned base and row stride and a unit column stride."""
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,30 +221,58 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _spec(v):
+    """What Triton specialises a runtime argument on: dtype and 16-byte alignment of tensors,
+    ints equal to 1 / divisible by 16 / past int32, a descriptor's block and alignments."""
+    if isinstance(v, torch.Tensor):
+        return v.dtype, v.data_ptr() % 16 == 0
+    if isinstance(v, TensorDescriptor):
+        return (v.base.dtype, v.base.data_ptr() % 16 == 0, tuple(v.block_shape),
+                tuple(s % 16 == 0 for s in v.shape), tuple(s == 1 or s % 16 == 0 for s in v.strides))
+    return v == 1, v % 16 == 0, v >= 2 ** 31
+
+
+_COMPILED: dict = {}
+
+
+def _launch(kernel, progs: int, args: tuple, consts: tuple, num_warps: int, num_stages: int, dev: int) -> None:
+    """kernel[(progs,)](*args, *consts) without the JIT's per-call argument binding (tens of
+    microseconds of host time, more than the kernel itself at decode sizes): the first call
+    of a specialisation goes through the JIT, later ones straight to its launcher."""
+    key = (kernel, consts, num_warps, num_stages, dev) + tuple(_spec(v) for v in args)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        names = kernel.arg_names[len(args):]
+        _COMPILED[key] = kernel[(progs,)](*args, **dict(zip(names, consts)),
+                                          num_warps=num_warps, num_stages=num_stages)
+        return
+    compiled.run(progs, 1, 1, torch._C._cuda_getCurrentRawStream(dev), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args, *consts)
+
+
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
-    """a [M, K] @ b[N, K]ᵀ -> [M, N] out_dtype through the invariant kernel."""
+    """a [M, K] @ b[N, K]ᵀ -> [M, N] out_dtype through the invariant kernel (`config`
+    overrides `tile_config`, for the tuner)."""
     m, k = a.shape
     n = b.shape[0]
     mode = precision_mode(a.dtype, b.dtype)
-    cfg = dict(config or gemm_config(n, k, mode))
+    cfg = config or tile_config(m, n, k, mode)
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
         return c
-    per_sm = cfg.pop("PROGS_PER_SM", 1)
-    tma = cfg.pop("TMA", False)
-    flatten = cfg.pop("FLATTEN", False)
-    warp_spec = cfg.pop("WARP_SPEC", False)
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     dev = a.device.index if a.device.type == "cuda" else 0
-    progs = max(1, min(per_sm * num_sms(dev), tiles))
-    if tma and mode == MODE_BF16 and _tma_ok(a) and _tma_ok(b):
-        a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
-        b_desc = TensorDescriptor(b, [n, k], [b.stride(0), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
-        _gemm_kernel_tma[(progs,)](a_desc, b_desc, c, m, n, k, c.stride(0), c.stride(1), progs,
-                                   FLATTEN=flatten, WARP_SPEC=warp_spec, **cfg)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    progs = max(1, min(cfg.get("PROGS_PER_SM", 1) * num_sms(dev), tiles))
+    opts = (cfg["num_warps"], cfg["num_stages"], dev)
+    if cfg.get("TMA") and mode == MODE_BF16 and _tma_ok(a) and _tma_ok(b):
+        a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [bm, bk])
+        b_desc = TensorDescriptor(b, [n, k], [b.stride(0), 1], [bn, bk])
+        _launch(_gemm_kernel_tma, progs, (a_desc, b_desc, c, m, n, k, c.stride(0), c.stride(1), progs),
+                (bm, bn, bk, cfg["GROUP_M"]), *opts)
     else:
-        _gemm_kernel[(progs,)](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                               c.stride(0), c.stride(1), progs, MODE=mode, FLATTEN=flatten, **cfg)
+        _launch(_gemm_kernel, progs, (a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                      c.stride(0), c.stride(1), progs), (bm, bn, bk, cfg["GROUP_M"], mode), *opts)
     return c
 
 
@@ -233,9 +296,13 @@ class _Linear(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y = x @ weightᵀ. x [..., K] (bf16/fp32), weight [N, K] -> [..., N] in `out_dtype` or x.dtype.
 
-    Bitwise invariant to the number of rows, their values and positions (one config per (N, K)).
+    Bitwise invariant to the number of rows, their values and positions (one reduction per
+    (N, K, dtypes); the M-dependent tiles do not change a bit, see the module docstring).
     """
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    y = _Linear.apply(x2d, weight, out_dtype or x.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        y = _Linear.apply(x2d, weight, out_dtype or x.dtype)
+    else:   # the same kernel call without autograd's per-call cost (decode)
+        y = matmul_nt(x2d, weight, out_dtype or x.dtype)
     return y.reshape(*lead, weight.shape[0])
