@@ -15,9 +15,10 @@ a program holds and which instruction issues the step (mma.sync m16n8k16 for BLO
 wgmma for BLOCK_M >= 64); the step's inputs and the sequence of steps per element are the
 same, and on the H200 both instructions give the same bits (tests/gpu: every bucket, every
 (N, K) the model uses, bf16 and fp32 output, rows alone vs inside small- and large-M calls;
-bench `--only tune` checks each candidate tile against the 128x256 one). Out-of-range rows
-and K columns are zero in both load paths, and rows never mix. The fp32 modes below keep
-one tile per (N, K) regardless of M.
+bench `--only tune` checks each candidate tile against the tiles shipped before the buckets).
+Out-of-range rows and K columns are zero in both load paths, and rows never mix. Another GPU
+kind must pass those tests before it relies on this. The fp32 modes below keep one tile per
+(N, K) regardless of M.
 
 Precision (DESIGN.md §2 rule 5, "no TF32 for fp32 inputs"):
   - bf16 x bf16: bf16 tensor cores, exact products, fp32 accumulate (lm_head, router).
@@ -176,12 +177,13 @@ def gemm_config(n: int, k: int, mode: int) -> dict:
     return dict(BLOCK_K=64)
 
 
-# bf16 tiles by M (upper bounds, inclusive); H200 timings in bench/results (tune5, run8).
+# bf16 tiles by M (upper bounds, inclusive); H200 figures in bench/results (run 8, tune5/6).
 #   M <= 16: 16-row tiles (mma.sync), 64 (N >= 4096) or 32 columns: 96 / 64 programs stream
-#     the qkv / dense weight, where 128x256 tiles left 24 / 8 column tiles (2.5x cuBLAS).
+#     the qkv / dense weight, where 128x256 tiles left 24 / 8 column tiles (run 4: 2.5x / 2.1x
+#     cuBLAS at M = 1; run 8: 1.16x / 1.33x in device time).
 #   M <= 64 and <= 256: 64-row tiles (wgmma), two programs per SM, narrow columns again.
-#   M <= 1024: 128x128.  Above: 128x256 through TMA descriptors, 3 stages (1.07x cuBLAS at
-#   M = 4096 / 16384 where pointer loads gave 1.16).
+#   M <= 1024: 128x128.  Above: 128x256 through TMA descriptors, 3 stages (run 8: 1.03-1.09x
+#   cuBLAS at M = 4096 / 16384; the same tile with pointer loads 1.13-1.18x in tune6).
 M_BUCKETS = (16, 64, 256, 1024)
 
 
@@ -236,9 +238,11 @@ _COMPILED: dict = {}
 
 
 def _launch(kernel, progs: int, args: tuple, consts: tuple, num_warps: int, num_stages: int, dev: int) -> None:
-    """kernel[(progs,)](*args, *consts) without the JIT's per-call argument binding (tens of
-    microseconds of host time, more than the kernel itself at decode sizes): the first call
-    of a specialisation goes through the JIT, later ones straight to its launcher."""
+    """kernel[(progs,)](*args, *consts) without the JIT's per-call argument binding and key
+    building: at decode sizes the host time of a call exceeds the kernel's (H200 run 8: ~45-55
+    us per call against 13-17 us of device time). The first call of a specialisation goes
+    through the JIT; later ones, keyed on everything the JIT specialises on (`_spec`), go
+    straight to the compiled kernel's launcher."""
     key = (kernel, consts, num_warps, num_stages, dev) + tuple(_spec(v) for v in args)
     compiled = _COMPILED.get(key)
     if compiled is None:
