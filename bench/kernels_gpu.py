@@ -691,6 +691,170 @@ def tune_gemm():
     flush()
 
 
+# Small-M round (tune7): (BM, BN, warps, stages, progs per SM), pointer loads, BLOCK_K 64, timed
+# by CUDA-graph replay (device time; eager small-M figures are launch-bound) at both N.
+GEMM_SMALL = {
+    0: ([1, 8, 16], [(16, 64, 4, 6, 1), (16, 32, 4, 6, 1), (16, 64, 4, 8, 1), (16, 64, 4, 10, 1),
+                     (16, 32, 4, 8, 1), (16, 32, 4, 10, 1), (16, 32, 4, 8, 2), (16, 32, 2, 8, 2),
+                     (16, 16, 4, 8, 1), (16, 16, 2, 10, 1), (16, 16, 4, 10, 2), (16, 64, 4, 8, 2)]),
+    1: ([32, 64], [(64, 64, 4, 4, 2), (64, 32, 4, 4, 2), (64, 64, 4, 6, 2), (64, 32, 4, 6, 2),
+                   (64, 16, 4, 6, 2), (32, 32, 4, 6, 2), (32, 64, 4, 6, 1), (32, 16, 4, 8, 2),
+                   (16, 32, 4, 8, 2), (16, 64, 4, 8, 1), (64, 64, 4, 8, 1), (64, 128, 4, 4, 2)]),
+    2: ([128, 256], [(64, 128, 4, 4, 2), (64, 64, 4, 4, 2), (64, 64, 4, 6, 2), (64, 32, 4, 6, 2),
+                     (128, 64, 4, 4, 2), (128, 64, 8, 4, 1), (128, 32, 4, 6, 2), (64, 128, 4, 6, 1),
+                     (128, 128, 8, 4, 1), (64, 128, 8, 4, 2), (32, 64, 4, 6, 2)]),
+}
+
+
+def _small_cfg(c):
+    bm, bn, warps, stages, per_sm = c
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=stages, PROGS_PER_SM=per_sm)
+
+
+def _small_precompile(cand):
+    from rl.kernels.triton.matmul import matmul_nt
+    x = torch.randn(300, 2048, device=DEV).to(BF16)
+    w = torch.randn(2048, 2048, device=DEV).to(BF16)
+    try:
+        for dt in (BF16, torch.float32):
+            matmul_nt(x, w, dt, _small_cfg(cand))
+        torch.cuda.synchronize()
+        return None
+    except Exception as err:
+        return repr(err)[:300]
+
+
+def _graph_of(fn):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def gemm_host_time(calls=2000):
+    """Host microseconds per call, old vs new launch paths in one process: `calls` back-to-back
+    calls, no flush, host clock; `launch_us` stops before the final sync, `total_us` after it."""
+    from rl.kernels.triton import matmul as MM
+    rows = []
+    for n, k in ((6144, 2048), (2048, 2048)):
+        w = (torch.randn(n, k, device=DEV) * k ** -0.5).to(BF16)
+        for m in (1, 8, 64, 256):
+            x = torch.randn(m, k, device=DEV).to(BF16)
+            cfg = MM.tile_config(m, n, k, MM.MODE_BF16)
+            progs = min(cfg.get("PROGS_PER_SM", 1) * MM.num_sms(0),
+                        triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]))
+
+            def jit(x=x, w=w, cfg=cfg, progs=progs, m=m, n=n, k=k):   # the JIT's own launch (before 4670913)
+                c = torch.empty(m, n, device=DEV, dtype=BF16)
+                MM._jit_launch(MM._gemm_kernel, progs, (x, w, c, m, n, k, x.stride(0), 1, w.stride(0), 1, n, 1, progs),
+                               (cfg["BLOCK_M"], cfg["BLOCK_N"], 64, 8, 0), cfg["num_warps"], cfg["num_stages"])
+                return c
+            paths = {"new linear": lambda x=x: T.linear(x, w),
+                     "new matmul_nt": lambda x=x: MM.matmul_nt(x, w, BF16),
+                     "old _launch (4670913)": lambda x=x, cfg=cfg: MM.matmul_nt(x, w, BF16, cfg),
+                     "jit": jit, "torch.mm": lambda x=x: torch.mm(x, w.t())}
+            row = {"n": n, "k": k, "m": m,
+                   "bitwise_new_vs_old": equal(T.linear(x, w), MM.matmul_nt(x, w, BF16, cfg))[1] or "pass",
+                   "bitwise_jit_vs_old": equal(jit(), MM.matmul_nt(x, w, BF16, cfg))[1] or "pass",
+                   "direct": dict(MM._DIRECT)}
+            for name, fn in paths.items():
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+                best = None
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    t1 = time.perf_counter()
+                    torch.cuda.synchronize()
+                    t2 = time.perf_counter()
+                    cur = ((t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6)
+                    best = cur if best is None or cur[1] < best[1] else best
+                row[name] = {"launch_us": best[0], "total_us": best[1]}
+            rows.append(row)
+            print("gemm host us/call N=%d M=%d: " % (n, m) + "; ".join(
+                f"{p} {row[p]['launch_us']:.1f}/{row[p]['total_us']:.1f}" for p in paths) + f" bits {row['bitwise_new_vs_old']}", flush=True)
+    RESULTS.append({"name": f"gemm host us per call ({calls} back-to-back calls, launch_us before sync / total_us after)",
+                    "result": rows})
+    flush()
+
+
+def tune_gemmsmall():
+    """Small-M tiles by device time: each candidate bit-checked against the current tiles
+    (rows 0:300, 0:1, 100:117; bf16 and fp32 out), then timed by CUDA-graph replay (do_bench,
+    L2 flushed) at its bucket's M values, beside cuBLAS timed the same way."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    from rl.kernels.triton.matmul import matmul_nt
+    gemm_host_time()
+    cands = sorted({c for _, cs in GEMM_SMALL.values() for c in cs})
+    t0 = time.time()
+    try:
+        with cf.ProcessPoolExecutor(max_workers=14, mp_context=mp.get_context("spawn")) as pool:
+            errs = dict(zip(cands, pool.map(_small_precompile, cands)))
+    except Exception as err:
+        errs = {"pool": repr(err)[:300]}
+    print(f"gemm small precompile {len(cands)} candidates {time.time() - t0:.1f}s; errors: "
+          f"{ {str(c): e for c, e in errs.items() if e} }", flush=True)
+    from rl.kernels.triton import matmul as MM
+    shapes = [(6144, 2048), (2048, 2048), (3072, 2048), (5120, 2048), (2048, 5120), (2048, 512)]
+    summary = []
+    for si, (n, k) in enumerate(shapes):
+        xs = torch.randn(300, k, device=DEV).to(BF16)
+        w = (torch.randn(n, k, device=DEV) * k ** -0.5).to(BF16)
+        refs = {dt: T.linear(xs, w, dt) for dt in (BF16, torch.float32)}
+        table = []
+        for bucket, (ms, cs) in GEMM_SMALL.items():
+            t = MM._bf16_tile(bucket, n >= 4096, k)
+            cur = (t["BLOCK_M"], t["BLOCK_N"], t["num_warps"], t["num_stages"], t.get("PROGS_PER_SM", 1))
+            if si >= 2:   # the other shapes: the largest M of the bucket, a shortlist
+                ms, cs = ms[-1:], TUNE7_SHORTLIST[bucket]
+            cs = [cur] + [c for c in cs if c != cur]
+            cub = {m: bench_ms(_graph_of(lambda m=m: torch.mm(xs[:m], w.t())).replay, 30) for m in ms}
+            for cand in cs:
+                row = {"n": n, "k": k, "bucket": bucket, "cand": list(cand), "current": cand == cur}
+                cfg = _small_cfg(cand)
+                try:
+                    fails = []
+                    for dt, ref in refs.items():
+                        for rows in (slice(0, 300), slice(0, 1), slice(100, 117)):
+                            ok, det = equal(matmul_nt(xs[rows], w, dt, cfg), ref[rows])
+                            if not ok:
+                                fails.append(f"{dt} rows {rows.start}:{rows.stop}: {det}")
+                    row["bitwise"] = "pass" if not fails else "FAIL " + "; ".join(fails)
+                    if not fails:
+                        row["graph_us"] = {m: 1e3 * bench_ms(_graph_of(
+                            lambda m=m, cfg=cfg: matmul_nt(xs[:m], w, BF16, cfg)).replay, 30) for m in ms}
+                        row["ratio"] = {m: row["graph_us"][m] / (1e3 * cub[m]) for m in ms}
+                except Exception as err:
+                    row["error"] = repr(err)[:300]
+                table.append(row)
+                r = " ".join(f"M{m}:{v:.2f}us/{row['ratio'][m]:.3f}" for m, v in row.get("graph_us", {}).items())
+                print(f"small N={n} K={k} b{bucket} {cand}{' (current)' if cand == cur else ''} "
+                      f"{row.get('bitwise', row.get('error'))} {r}", flush=True)
+            table.append({"n": n, "k": k, "bucket": bucket, "cand": "cublas", "graph_us": {m: 1e3 * v for m, v in cub.items()}})
+            ok = [r for r in table if r.get("bucket") == bucket and "ratio" in r]
+            if ok:
+                best = min(ok, key=lambda r: sum(r["ratio"].values()))
+                now = next((r for r in ok if r["current"]), None)
+                summary.append({"n": n, "k": k, "bucket": bucket, "best": best["cand"], "best_ratio": best["ratio"],
+                                "current": list(cur), "current_ratio": now and now["ratio"]})
+                print(f"BEST N={n} K={k} b{bucket}: {best['cand']} {best['ratio']} (current {cur}: {now and now['ratio']})", flush=True)
+        RESULTS.append({"name": f"tune gemm small M by graph replay N={n} K={k}", "result": table})
+        flush()
+    RESULTS.append({"name": "tune gemm small M: best per bucket (sum of graph ratios)", "result": summary})
+    flush()
+
+
+# candidates re-timed at the model's other shapes (first entry of each bucket = the current tile)
+TUNE7_SHORTLIST = {0: [(16, 32, 4, 8, 2), (16, 16, 4, 8, 1), (16, 64, 4, 8, 1), (16, 32, 4, 8, 1)],
+                   1: [(64, 32, 4, 6, 2), (32, 32, 4, 6, 2), (16, 32, 4, 8, 2), (64, 16, 4, 6, 2)],
+                   2: [(64, 64, 4, 4, 2), (128, 64, 4, 4, 2), (64, 32, 4, 6, 2), (128, 32, 4, 6, 2)]}
+
+
 def tune_all():
     import os
     names = os.environ.get("TUNE", "rmsnorm,attention,gemm,lightning").split(",")

@@ -82,6 +82,30 @@ def test_linear_m_buckets_bitwise(n, k, out):
         assert rel_err(full[:64], ref) < (3e-5 if out == "fp32" else 8e-3)
 
 
+def test_linear_direct_launch_fallback(monkeypatch):
+    """A direct launcher that fails (another Triton's signature) turns the direct path off for
+    good; calls keep working, with the same bits, through the JIT."""
+    from rl.kernels.triton import matmul as MM
+    x = torch.randn(40, 2048, device=DEV).to(BF16)
+    w = (torch.randn(2048, 2048, device=DEV) * 2048 ** -0.5).to(BF16)
+    ref = T.linear(x, w)
+    ref1 = T.linear(x[3:4], w)   # seen before: the direct path
+    assert MM._DIRECT["ok"], MM._DIRECT["reason"]
+    assert_bitwise(ref1, ref[3:4], "direct M=1")
+
+    def broken(compiled):
+        def direct(progs, stream, args):
+            raise TypeError("launcher signature changed")
+        return direct
+    monkeypatch.setattr(MM, "_make_direct", broken)
+    monkeypatch.setattr(MM, "_FAST", {})
+    monkeypatch.setattr(MM, "_DIRECT", {"ok": True, "reason": ""})
+    for _ in range(2):
+        assert_bitwise(T.linear(x, w), ref, "fallback M=40")
+        assert_bitwise(T.linear(x[3:4], w), ref[3:4], "fallback M=1")
+    assert not MM._DIRECT["ok"] and "signature" in MM._DIRECT["reason"]
+
+
 def test_linear_fp32_ieee_and_grad():
     x = torch.randn(70, 96, device=DEV, dtype=torch.float64)
     w = torch.randn(40, 96, device=DEV, dtype=torch.float64)

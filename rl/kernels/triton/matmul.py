@@ -99,7 +99,7 @@ def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "NUM_PROGS"])
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                  stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, NUM_PROGS,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -195,15 +195,18 @@ def tile_config(m: int, n: int, k: int, mode: int) -> dict:
     return _bf16_tile(sum(m > b for b in M_BUCKETS), n >= 4096, k)
 
 
+# M <= 256 tiles: (bucket, N >= 4096) -> (BLOCK_M, BLOCK_N, warps, stages, programs per SM).
+SMALL_TILES = {(0, True): (16, 64, 4, 6, 1), (0, False): (16, 32, 4, 6, 1),
+               (1, True): (64, 64, 4, 4, 2), (1, False): (64, 32, 4, 4, 2),
+               (2, True): (64, 128, 4, 4, 2), (2, False): (64, 64, 4, 4, 2)}
+
+
 @functools.lru_cache(maxsize=None)
 def _bf16_tile(bucket: int, wide_n: bool, k: int) -> dict:
     red = gemm_config(0, k, MODE_BF16)
-    if bucket == 0:
-        tile = dict(BLOCK_M=16, BLOCK_N=64 if wide_n else 32, num_warps=4, num_stages=6)
-    elif bucket == 1:
-        tile = dict(BLOCK_M=64, BLOCK_N=64 if wide_n else 32, num_warps=4, num_stages=4, PROGS_PER_SM=2)
-    elif bucket == 2:
-        tile = dict(BLOCK_M=64, BLOCK_N=128 if wide_n else 64, num_warps=4, num_stages=4, PROGS_PER_SM=2)
+    if bucket <= 2:
+        bm, bn, warps, stages, per_sm = SMALL_TILES[(bucket, wide_n)]
+        tile = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, PROGS_PER_SM=per_sm)
     elif bucket == 3:
         tile = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4)
     else:
@@ -235,30 +238,92 @@ def _spec(v):
 
 
 _COMPILED: dict = {}
+# Direct launches (past the JIT's Python binding) stay on until one fails or disagrees with the
+# JIT's launch; then every later call takes the JIT path ("reason" says why).
+_DIRECT = {"ok": True, "reason": ""}
+
+
+def _jit_launch(kernel, progs, args, consts, num_warps, num_stages):
+    names = kernel.arg_names[len(args):]
+    return kernel[(progs,)](*args, **dict(zip(names, consts)), num_warps=num_warps, num_stages=num_stages)
 
 
 def _launch(kernel, progs: int, args: tuple, consts: tuple, num_warps: int, num_stages: int, dev: int) -> None:
-    """kernel[(progs,)](*args, *consts) without the JIT's per-call argument binding and key
-    building: at decode sizes the host time of a call exceeds the kernel's (H200 run 8: ~45-55
-    us per call against 13-17 us of device time). The first call of a specialisation goes
-    through the JIT; later ones, keyed on everything the JIT specialises on (`_spec`), go
-    straight to the compiled kernel's launcher."""
+    """kernel[(progs,)](*args, *consts) without the JIT's per-call argument binding, keyed on
+    everything the JIT specialises on (`_spec`): the path of the tuner's explicit configs and of
+    the TMA kernel (M > 1024, where host time is far under device time). `matmul_nt`'s default
+    pointer-load calls take the cheaper `_FAST` path."""
     key = (kernel, consts, num_warps, num_stages, dev) + tuple(_spec(v) for v in args)
-    compiled = _COMPILED.get(key)
+    compiled = _COMPILED.get(key) if _DIRECT["ok"] else None
     if compiled is None:
-        names = kernel.arg_names[len(args):]
-        _COMPILED[key] = kernel[(progs,)](*args, **dict(zip(names, consts)),
-                                          num_warps=num_warps, num_stages=num_stages)
+        _COMPILED[key] = _jit_launch(kernel, progs, args, consts, num_warps, num_stages)
         return
-    compiled.run(progs, 1, 1, torch._C._cuda_getCurrentRawStream(dev), compiled.function,
-                 compiled.packed_metadata, None, None, None, *args, *consts)
+    try:
+        compiled.run(progs, 1, 1, torch._C._cuda_getCurrentRawStream(dev), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args, *consts)
+    except Exception as err:   # another Triton's launcher: the JIT path from now on
+        _disable_direct(f"_launch: {err!r}")
+        _jit_launch(kernel, progs, args, consts, num_warps, num_stages)
+
+
+def _disable_direct(reason: str) -> None:
+    _DIRECT.update(ok=False, reason=reason[:300])
+    _FAST.clear()
+    _COMPILED.clear()
+
+
+def _make_direct(compiled):
+    """A callable (progs, stream, args) launching the compiled kernel: Triton 3.x's C launcher
+    itself when the kernel needs no scratch buffers, else the launcher object's __call__."""
+    run, function, meta = compiled.run, compiled.function, compiled.packed_metadata
+    launch = getattr(run, "launch", None)
+    no_scratch = getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0
+    coop, pdl = getattr(run, "launch_cooperative_grid", None), getattr(run, "launch_pdl", None)
+    if launch is not None and no_scratch and coop is not None and pdl is not None:
+
+        def direct(progs, stream, args):
+            launch(progs, 1, 1, stream, function, coop, pdl, None, None, meta, None, None, None, *args)
+    else:
+        def direct(progs, stream, args):
+            run(progs, 1, 1, stream, function, meta, None, None, None, *args)
+    return direct
+
+
+# (dtypes, device, M bucket, M == 1, N, K, strides, operand alignments) -> (BLOCK_M, BLOCK_N,
+# program cap, direct launcher, constexprs, device index). Filled on a call's first sight, after
+# its direct launch matched the JIT's bit for bit (outside CUDA graph capture).
+_FAST: dict = {}
+
+
+def _fast_key(a, b, out_dtype, m, n, k):
+    pa, pb = a.data_ptr(), b.data_ptr()
+    bucket = 0 if m <= 16 else 1 if m <= 64 else 2 if m <= 256 else 3 if m <= 1024 else 4
+    return (a.dtype, b.dtype, out_dtype, a.device, b.device, bucket, m == 1, n, k,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), pa & 15 == 0, pb & 15 == 0), pa, pb
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """a [M, K] @ b[N, K]ᵀ -> [M, N] out_dtype through the invariant kernel (`config`
-    overrides `tile_config`, for the tuner)."""
+    overrides `tile_config`, for the tuner).
+
+    Host cost (decode calls are launch-bound): a call seen before (same dtypes, M bucket, N, K,
+    strides, alignments) is one dict lookup and the compiled kernel's C launcher with raw
+    pointers; the first sight goes through the JIT and checks the direct launch against it."""
     m, k = a.shape
     n = b.shape[0]
+    if config is None and m > 0:
+        key, pa, pb = _fast_key(a, b, out_dtype, m, n, k)
+        ent = _FAST.get(key)
+        if ent is not None:
+            bm, bn, cap, direct, consts, dev = ent
+            progs = min(cap, -(-m // bm) * -(-n // bn))
+            c = torch.empty((m, n), device=a.device, dtype=out_dtype)
+            try:
+                direct(progs, torch._C._cuda_getCurrentRawStream(dev),
+                       (pa, pb, c.data_ptr(), m, n, k, key[9], key[10], key[11], key[12], n, 1, progs) + consts)
+                return c
+            except Exception as err:   # the launcher refused the call before launching
+                _disable_direct(f"direct launch raised {err!r}")
     mode = precision_mode(a.dtype, b.dtype)
     cfg = config or tile_config(m, n, k, mode)
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)
@@ -267,16 +332,37 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, config: 
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     dev = a.device.index if a.device.type == "cuda" else 0
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    progs = max(1, min(cfg.get("PROGS_PER_SM", 1) * num_sms(dev), tiles))
+    cap = max(1, cfg.get("PROGS_PER_SM", 1) * num_sms(dev))
+    progs = min(cap, tiles)
     opts = (cfg["num_warps"], cfg["num_stages"], dev)
     if cfg.get("TMA") and mode == MODE_BF16 and _tma_ok(a) and _tma_ok(b):
         a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [bm, bk])
         b_desc = TensorDescriptor(b, [n, k], [b.stride(0), 1], [bn, bk])
         _launch(_gemm_kernel_tma, progs, (a_desc, b_desc, c, m, n, k, c.stride(0), c.stride(1), progs),
                 (bm, bn, bk, cfg["GROUP_M"]), *opts)
-    else:
-        _launch(_gemm_kernel, progs, (a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                                      c.stride(0), c.stride(1), progs), (bm, bn, bk, cfg["GROUP_M"], mode), *opts)
+        return c
+    args = (a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), progs)
+    consts = (bm, bn, bk, cfg["GROUP_M"], mode)
+    if config is not None or not _DIRECT["ok"] or c.stride() != (n, 1):
+        _launch(_gemm_kernel, progs, args, consts, *opts)
+        return c
+    compiled = _jit_launch(_gemm_kernel, progs, args, consts, cfg["num_warps"], cfg["num_stages"])
+    if torch.cuda.is_current_stream_capturing():
+        return c   # no check possible while capturing: the JIT path until a call outside capture
+    try:
+        direct = _make_direct(compiled)
+        c2 = torch.full_like(c, float("nan"))
+        key, pa, pb = _fast_key(a, b, out_dtype, m, n, k)
+        direct(progs, torch._C._cuda_getCurrentRawStream(dev),
+               (pa, pb, c2.data_ptr(), m, n, k, key[9], key[10], key[11], key[12], n, 1, progs) + consts)
+        same = torch.equal(c, c2)
+    except Exception as err:
+        _disable_direct(f"direct launch raised {err!r}")
+        return c
+    if not same:
+        _disable_direct("direct launch differs from the JIT's")
+        return c
+    _FAST[key] = (bm, bn, cap, direct, consts, dev)
     return c
 
 
