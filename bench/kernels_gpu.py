@@ -693,16 +693,16 @@ def tune_gemm():
 
 # Small-M round (tune7): (BM, BN, warps, stages, progs per SM), pointer loads, BLOCK_K 64, timed
 # by CUDA-graph replay (device time; eager small-M figures are launch-bound) at both N.
-GEMM_SMALL = {
-    0: ([1, 8, 16], [(16, 64, 4, 6, 1), (16, 32, 4, 6, 1), (16, 64, 4, 8, 1), (16, 64, 4, 10, 1),
-                     (16, 32, 4, 8, 1), (16, 32, 4, 10, 1), (16, 32, 4, 8, 2), (16, 32, 2, 8, 2),
-                     (16, 16, 4, 8, 1), (16, 16, 2, 10, 1), (16, 16, 4, 10, 2), (16, 64, 4, 8, 2)]),
-    1: ([32, 64], [(64, 64, 4, 4, 2), (64, 32, 4, 4, 2), (64, 64, 4, 6, 2), (64, 32, 4, 6, 2),
-                   (64, 16, 4, 6, 2), (32, 32, 4, 6, 2), (32, 64, 4, 6, 1), (32, 16, 4, 8, 2),
-                   (16, 32, 4, 8, 2), (16, 64, 4, 8, 1), (64, 64, 4, 8, 1), (64, 128, 4, 4, 2)]),
-    2: ([128, 256], [(64, 128, 4, 4, 2), (64, 64, 4, 4, 2), (64, 64, 4, 6, 2), (64, 32, 4, 6, 2),
-                     (128, 64, 4, 4, 2), (128, 64, 8, 4, 1), (128, 32, 4, 6, 2), (64, 128, 4, 6, 1),
-                     (128, 128, 8, 4, 1), (64, 128, 8, 4, 2), (32, 64, 4, 6, 2)]),
+GEMM_SMALL = {   # the current tile of each bucket is added and timed first
+    0: ([1, 8, 16], [(16, 64, 4, 8, 1), (16, 64, 4, 10, 1), (16, 32, 4, 8, 2), (16, 32, 2, 10, 2),
+                     (16, 32, 2, 8, 1), (16, 16, 1, 8, 3), (16, 16, 2, 8, 3), (16, 16, 4, 8, 3),
+                     (16, 16, 2, 12, 3), (16, 16, 1, 16, 3), (16, 16, 2, 12, 1)]),
+    1: ([32, 64], [(64, 16, 4, 4, 3), (64, 16, 4, 6, 3), (64, 16, 4, 8, 3), (64, 16, 2, 6, 3),
+                   (64, 32, 4, 6, 2), (64, 64, 4, 6, 2), (32, 16, 2, 8, 3), (32, 32, 4, 6, 2),
+                   (16, 16, 2, 8, 3), (16, 32, 4, 8, 2)]),
+    2: ([128, 256], [(64, 64, 4, 4, 3), (64, 64, 4, 6, 2), (64, 32, 4, 6, 3), (64, 16, 4, 6, 4),
+                     (128, 64, 4, 4, 2), (128, 64, 8, 4, 2), (128, 64, 8, 3, 1), (128, 32, 4, 6, 2),
+                     (128, 128, 8, 4, 1), (64, 128, 4, 6, 2)]),
 }
 
 
@@ -790,7 +790,8 @@ def tune_gemmsmall():
     import multiprocessing as mp
     from rl.kernels.triton.matmul import matmul_nt
     gemm_host_time()
-    cands = sorted({c for _, cs in GEMM_SMALL.values() for c in cs})
+    from rl.kernels.triton import matmul as MM
+    cands = sorted({c for _, cs in GEMM_SMALL.values() for c in cs} | set(MM.SMALL_TILES.values()))
     t0 = time.time()
     try:
         with cf.ProcessPoolExecutor(max_workers=14, mp_context=mp.get_context("spawn")) as pool:
@@ -799,7 +800,6 @@ def tune_gemmsmall():
         errs = {"pool": repr(err)[:300]}
     print(f"gemm small precompile {len(cands)} candidates {time.time() - t0:.1f}s; errors: "
           f"{ {str(c): e for c, e in errs.items() if e} }", flush=True)
-    from rl.kernels.triton import matmul as MM
     shapes = [(6144, 2048), (2048, 2048), (3072, 2048), (5120, 2048), (2048, 5120), (2048, 512)]
     summary = []
     for si, (n, k) in enumerate(shapes):
@@ -850,9 +850,9 @@ def tune_gemmsmall():
 
 
 # candidates re-timed at the model's other shapes (first entry of each bucket = the current tile)
-TUNE7_SHORTLIST = {0: [(16, 32, 4, 8, 2), (16, 16, 4, 8, 1), (16, 64, 4, 8, 1), (16, 32, 4, 8, 1)],
-                   1: [(64, 32, 4, 6, 2), (32, 32, 4, 6, 2), (16, 32, 4, 8, 2), (64, 16, 4, 6, 2)],
-                   2: [(64, 64, 4, 4, 2), (128, 64, 4, 4, 2), (64, 32, 4, 6, 2), (128, 32, 4, 6, 2)]}
+TUNE7_SHORTLIST = {0: [(16, 16, 2, 8, 3), (16, 16, 1, 8, 3), (16, 32, 4, 8, 2), (16, 64, 4, 8, 1)],
+                   1: [(64, 16, 4, 6, 3), (32, 16, 2, 8, 3), (64, 32, 4, 6, 2)],
+                   2: [(64, 32, 4, 6, 3), (128, 64, 4, 4, 2), (128, 32, 4, 6, 2), (64, 64, 4, 4, 3)]}
 
 
 def tune_all():

@@ -89,6 +89,7 @@ def test_linear_direct_launch_fallback(monkeypatch):
     x = torch.randn(40, 2048, device=DEV).to(BF16)
     w = (torch.randn(2048, 2048, device=DEV) * 2048 ** -0.5).to(BF16)
     ref = T.linear(x, w)
+    T.linear(x[3:4], w)          # first sight: the JIT, then the direct launch checked against it
     ref1 = T.linear(x[3:4], w)   # seen before: the direct path
     assert MM._DIRECT["ok"], MM._DIRECT["reason"]
     assert_bitwise(ref1, ref[3:4], "direct M=1")
