@@ -196,9 +196,12 @@ def tile_config(m: int, n: int, k: int, mode: int) -> dict:
 
 
 # M <= 256 tiles: (bucket, N >= 4096) -> (BLOCK_M, BLOCK_N, warps, stages, programs per SM).
-SMALL_TILES = {(0, True): (16, 64, 4, 6, 1), (0, False): (16, 32, 4, 6, 1),
-               (1, True): (64, 64, 4, 4, 2), (1, False): (64, 32, 4, 4, 2),
-               (2, True): (64, 128, 4, 4, 2), (2, False): (64, 64, 4, 4, 2)}
+SMALL_TILES = {(0, True): (16, 64, 4, 8, 1),
+               (0, False): (16, 16, 2, 12, 3),
+               (1, True): (64, 64, 4, 6, 2),
+               (1, False): (32, 32, 4, 6, 2),
+               (2, True): (64, 64, 4, 4, 3),
+               (2, False): (64, 64, 4, 6, 2)}
 
 
 @functools.lru_cache(maxsize=None)
