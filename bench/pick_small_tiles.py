@@ -20,14 +20,14 @@ MATMUL = Path(__file__).resolve().parents[1] / "rl" / "kernels" / "triton" / "ma
 
 def pick(results: list) -> tuple[dict, list]:
     src = MATMUL.read_text()
-    cur = ast.literal_eval(re.search(r"SMALL_TILES = (\{.*?\})\n", src, re.S).group(1))
+    cur = ast.literal_eval(re.search(r"SMALL_TILES = (\{.*?\})", src, re.S).group(1))
     new, notes = dict(cur), []
     for wide, n in ((True, 6144), (False, 2048)):
         table = next((e["result"] for e in results if e.get("name") == f"tune gemm small M by graph replay N={n} K=2048"), None)
         if table is None:
             notes.append(f"N={n}: no table")
             continue
-        for bucket in (0, 1, 2):
+        for bucket in sorted({b for b, _ in cur}):
             rows = [r for r in table if r.get("bucket") == bucket and "ratio" in r and r.get("bitwise") == "pass"]
             now = next((r for r in rows if tuple(r["cand"]) == cur[(bucket, wide)]), None)
             if not rows or now is None:
@@ -50,7 +50,7 @@ def main():
     print("SMALL_TILES =", new)
     if "--write" in sys.argv:
         src = MATMUL.read_text()
-        src = re.sub(r"SMALL_TILES = \{.*?\}\n", lambda _: "SMALL_TILES = {" + body + "}\n", src, count=1, flags=re.S)
+        src = re.sub(r"SMALL_TILES = \{.*?\}[^\n]*\n", lambda _: "SMALL_TILES = {" + body + "}\n", src, count=1, flags=re.S)
         MATMUL.write_text(src)
 
 

@@ -31,6 +31,7 @@ Backward (trainer only): plain torch matmuls; gradients need be correct, not inv
 
 from __future__ import annotations
 
+import bisect
 import functools
 
 import torch
@@ -177,14 +178,17 @@ def gemm_config(n: int, k: int, mode: int) -> dict:
     return dict(BLOCK_K=64)
 
 
-# bf16 tiles by M (upper bounds, inclusive); H200 figures in bench/results (run 8, tune5/6).
-#   M <= 16: 16-row tiles (mma.sync), 64 (N >= 4096) or 32 columns: 96 / 64 programs stream
-#     the qkv / dense weight, where 128x256 tiles left 24 / 8 column tiles (run 4: 2.5x / 2.1x
-#     cuBLAS at M = 1; run 8: 1.16x / 1.33x in device time).
-#   M <= 64 and <= 256: 64-row tiles (wgmma), two programs per SM, narrow columns again.
+# bf16 tiles by M (upper bounds, inclusive); H200 figures in bench/results (run 8, run 10, tune5-7).
+#   M <= 256: `SMALL_TILES`, one tile per bucket and N class, each the fastest by CUDA-graph
+#     replay (device time) in tune7 among 11-13 candidates, all bit-checked there: 16/32-row
+#     tiles (mma.sync) up to M = 32, 64-row ones (wgmma) above, narrow columns and several
+#     programs per SM so that the weight is streamed by every SM. One tile cannot serve both
+#     ends of a bucket twice as wide (tune7, qkv: 32x16 1.03x cuBLAS at M = 32, 1.56x at 64;
+#     64x64 1.07x at 64, 1.52x at 32), hence a bucket per power of two.
 #   M <= 1024: 128x128.  Above: 128x256 through TMA descriptors, 3 stages (run 8: 1.03-1.09x
 #   cuBLAS at M = 4096 / 16384; the same tile with pointer loads 1.13-1.18x in tune6).
-M_BUCKETS = (16, 64, 256, 1024)
+M_BUCKETS = (16, 32, 64, 128, 256, 1024)
+_SMALL_BUCKETS = 5   # buckets 0..4 (M <= 256) take SMALL_TILES
 
 
 def tile_config(m: int, n: int, k: int, mode: int) -> dict:
@@ -192,25 +196,30 @@ def tile_config(m: int, n: int, k: int, mode: int) -> dict:
     (a cached dict: read it, do not change it)."""
     if mode != MODE_BF16:
         return gemm_config(n, k, mode)
-    return _bf16_tile(sum(m > b for b in M_BUCKETS), n >= 4096, k)
+    return _bf16_tile(bisect.bisect_left(M_BUCKETS, m), n >= 4096, k)
 
 
-# M <= 256 tiles: (bucket, N >= 4096) -> (BLOCK_M, BLOCK_N, warps, stages, programs per SM).
-SMALL_TILES = {(0, True): (16, 64, 4, 8, 1),
-               (0, False): (16, 16, 2, 12, 3),
-               (1, True): (64, 64, 4, 6, 2),
-               (1, False): (32, 32, 4, 6, 2),
-               (2, True): (64, 64, 4, 4, 3),
-               (2, False): (64, 64, 4, 6, 2)}
+# M <= 256 tiles: (bucket, N >= 4096) -> (BLOCK_M, BLOCK_N, warps, stages, programs per SM);
+# tune7 graph ratios vs cuBLAS at N = 6144 / 2048 (K = 2048) in the comments.
+SMALL_TILES = {(0, True): (16, 64, 4, 8, 1),     # M = 1 / 8 / 16: 1.12 / 1.03 / 1.02
+               (0, False): (16, 32, 2, 10, 2),   # 1.23 / 1.18 / 1.16
+               (1, True): (32, 16, 2, 8, 3),     # M = 32: 1.03
+               (1, False): (16, 16, 2, 8, 3),    # 1.13
+               (2, True): (64, 64, 4, 6, 2),     # M = 64: 1.07
+               (2, False): (64, 16, 4, 8, 3),    # 1.06
+               (3, True): (64, 64, 4, 6, 2),     # M = 128: 1.16
+               (3, False): (64, 32, 4, 6, 3),    # 1.13
+               (4, True): (64, 64, 4, 4, 3),     # M = 256: 1.26
+               (4, False): (64, 64, 4, 6, 2)}    # 1.18
 
 
 @functools.lru_cache(maxsize=None)
 def _bf16_tile(bucket: int, wide_n: bool, k: int) -> dict:
     red = gemm_config(0, k, MODE_BF16)
-    if bucket <= 2:
+    if bucket < _SMALL_BUCKETS:
         bm, bn, warps, stages, per_sm = SMALL_TILES[(bucket, wide_n)]
         tile = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, PROGS_PER_SM=per_sm)
-    elif bucket == 3:
+    elif bucket == _SMALL_BUCKETS:
         tile = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4)
     else:
         tile = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3, TMA=True)
@@ -300,7 +309,7 @@ _FAST: dict = {}
 
 def _fast_key(a, b, out_dtype, m, n, k):
     pa, pb = a.data_ptr(), b.data_ptr()
-    bucket = 0 if m <= 16 else 1 if m <= 64 else 2 if m <= 256 else 3 if m <= 1024 else 4
+    bucket = bisect.bisect_left(M_BUCKETS, m)   # = tile_config's bucket
     return (a.dtype, b.dtype, out_dtype, a.device, b.device, bucket, m == 1, n, k,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), pa & 15 == 0, pb & 15 == 0), pa, pb
 
@@ -392,10 +401,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     Bitwise invariant to the number of rows, their values and positions (one reduction per
     (N, K, dtypes); the M-dependent tiles do not change a bit, see the module docstring).
     """
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
+    flat = x.dim() == 2   # 2-D input: no reshapes (each costs host time at decode sizes)
+    x2d = x if flat else x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         y = _Linear.apply(x2d, weight, out_dtype or x.dtype)
     else:   # the same kernel call without autograd's per-call cost (decode)
         y = matmul_nt(x2d, weight, out_dtype or x.dtype)
-    return y.reshape(*lead, weight.shape[0])
+    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
