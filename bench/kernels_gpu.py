@@ -117,9 +117,48 @@ def bench_gemm(ms):
             def check(x=x, m=m):   # rows of an M=m call vs the same rows of an M=1024 call
                 r = min(m, 1024)
                 return equal(T.linear(x, w)[:r], ref_rows[:r])
-            record(f"gemm {what} N={n} K={k} M={m}", check, lambda x=x: T.linear(x, w),
-                   lambda x=x: torch.mm(x, w.t()), target, "torch.mm bf16 (cuBLAS)",
-                   flops=2.0 * m * n * k)
+            ours, base = (lambda x=x: T.linear(x, w)), (lambda x=x: torch.mm(x, w.t()))
+            entry = record(f"gemm {what} N={n} K={k} M={m}", check, ours, base, target,
+                           "torch.mm bf16 (cuBLAS)", flops=2.0 * m * n * k)
+            if "ratio" in entry:
+                gemm_diagnostics(entry, ours, base)
+
+
+def host_us(fn, calls=200):
+    """Host time per call, launches only (the device runs behind): the launch overhead."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def graph_ms(fn):
+    """Device time alone: one call captured in a CUDA graph, replays timed like `bench_ms`."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench_ms(g.replay)
+
+
+def gemm_diagnostics(entry, ours, base):
+    """Extra fields on a GEMM row: host launch cost and CUDA-graph (device-only) times, to tell
+    launch-bound small-M figures from kernel time."""
+    try:
+        entry.update(ours_host_us=host_us(ours), baseline_host_us=host_us(base),
+                     ours_graph_ms=graph_ms(ours), baseline_graph_ms=graph_ms(base))
+        entry["graph_ratio"] = entry["ours_graph_ms"] / entry["baseline_graph_ms"]
+        print(f"{'':55s} host {entry['ours_host_us']:.1f} / {entry['baseline_host_us']:.1f} us per call; "
+              f"graph {entry['ours_graph_ms']:.4f} / {entry['baseline_graph_ms']:.4f} ms, ratio {entry['graph_ratio']:.3f}",
+              flush=True)
+    except Exception as err:
+        entry["diagnostics_error"] = repr(err)[:300]
+    flush()
 
 
 def probe_gemm_configs():
@@ -544,34 +583,280 @@ def probe_lightning():
     torch.cuda.synchronize()
 
 
+# (kernel, BM, BN, warps, stages, progs per SM): "ptr" pointer loads (cp.async), "tma" TMA
+# descriptor loads; BLOCK_K 64 and the ascending K walk in all of them. Round one
+# (kernels_gpu_h200_tune5.json) also had flattened persistent loops: 128x256 ones did not fit
+# in shared memory, 128x128 / 256x128 ones were no faster.
+GEMM_CANDIDATES = {
+    "small": ([1, 8, 16, 32, 64], [
+        ("ptr", 16, 16, 4, 6, 1), ("ptr", 16, 32, 4, 6, 1), ("ptr", 16, 32, 4, 6, 2),
+        ("ptr", 16, 64, 4, 6, 1), ("ptr", 16, 64, 4, 4, 2), ("ptr", 32, 32, 4, 6, 1),
+        ("ptr", 64, 32, 4, 4, 2), ("ptr", 64, 64, 4, 4, 2), ("tma", 16, 64, 4, 6, 1)]),
+    "mid": ([64, 128, 256, 512, 1024], [
+        ("ptr", 64, 64, 4, 4, 2), ("ptr", 64, 128, 4, 4, 2), ("ptr", 128, 128, 8, 4, 1),
+        ("tma", 64, 128, 4, 4, 2), ("tma", 128, 128, 8, 4, 1)]),
+    "large": ([1024, 2048, 4096, 16384], [
+        ("ptr", 128, 256, 8, 4, 1), ("ptr", 128, 256, 8, 3, 1), ("tma", 128, 256, 8, 4, 1),
+        ("tma", 128, 256, 8, 3, 1), ("tma", 256, 128, 8, 3, 1), ("tma", 128, 128, 8, 4, 1)]),
+}
+SHIPPED_BF16 = {6144: dict(BLOCK_M=128, BLOCK_N=256), 2048: dict(BLOCK_M=64, BLOCK_N=256)}
+
+
+def gemm_cfg(cand):
+    kind, bm, bn, warps, stages, per_sm = cand
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=stages,
+                PROGS_PER_SM=per_sm, TMA=kind == "tma")
+
+
+def _gemm_precompile(cand):
+    """Worker: compile one candidate (bf16 and fp32 out) so the timed process finds it cached."""
+    from rl.kernels.triton.matmul import matmul_nt
+    x = torch.randn(300, 2048, device=DEV).to(BF16)
+    w = torch.randn(2048, 2048, device=DEV).to(BF16)
+    try:
+        for dt in (BF16, torch.float32):
+            matmul_nt(x, w, dt, gemm_cfg(cand))
+        torch.cuda.synchronize()
+        return None
+    except Exception as err:
+        return repr(err)[:300]
+
+
 def tune_gemm():
-    from rl.kernels.triton import matmul as MM
-    shapes = {6144: [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (64, 256, 64, 8, 4, 1), (128, 128, 64, 8, 4, 1),
-                     (64, 128, 64, 4, 4, 1), (64, 128, 64, 4, 4, 2), (64, 128, 128, 4, 3, 1)],
-              2048: [(128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (64, 128, 64, 4, 4, 1), (64, 128, 64, 4, 4, 2),
-                     (64, 64, 64, 4, 4, 2), (64, 256, 64, 8, 4, 1), (128, 64, 64, 4, 4, 2)]}
+    """Tile candidates by M range: each checked bit for bit against the (N, K) config shipped
+    before M buckets (fp32 and bf16 out, rows of M = 1 / 17 / 300 calls), then timed beside
+    cuBLAS at the M values of its range. Compiles run in parallel processes first."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    from rl.kernels.triton.matmul import matmul_nt
+    cands = sorted({c for _, cs in GEMM_CANDIDATES.values() for c in cs})
+    t0 = time.time()
+    try:
+        with cf.ProcessPoolExecutor(max_workers=14, mp_context=mp.get_context("spawn")) as pool:
+            errs = dict(zip(cands, pool.map(_gemm_precompile, cands)))
+    except Exception as err:   # compile in this process instead, as each candidate comes
+        errs = {"pool": repr(err)[:300]}
+    print(f"gemm precompile {len(cands)} candidates {time.time() - t0:.1f}s; errors: "
+          f"{ {str(c): e for c, e in errs.items() if e} }", flush=True)
     k = 2048
     big = torch.randn(16384, k, device=DEV).to(BF16)
-    for n, cands in shapes.items():
+    table = []
+    for n in (6144, 2048):
         w = (torch.randn(n, k, device=DEV) * k ** -0.5).to(BF16)
-        ref300 = MM.matmul_nt(big[:300], w, BF16)
-        cases = {f"cublas_M{m}": (lambda m=m: torch.mm(big[:m], w.t())) for m in (1, 8, 64, 256, 4096, 16384)}
-        tune_variants(f"gemm N={n} cuBLAS", [(MM, {})], cases, [], list(cases))
-        variants = []
-        for bm, bn, bk, warps, stages, per_sm in cands:
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
-                       PROGS_PER_SM=per_sm)
+        base = dict(BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, **SHIPPED_BF16[n])
+        refs = {dt: matmul_nt(big[:300], w, dt, base) for dt in (BF16, torch.float32)}
+        all_ms = sorted({m for ms, _ in GEMM_CANDIDATES.values() for m in ms})
+        cub = {m: tune_ms(lambda m=m: torch.mm(big[:m], w.t()), 25) for m in all_ms}
+        table.append({"n": n, "kernel": "cublas", "ms": cub})
+        print(f"gemm tune N={n} cublas " + " ".join(f"M{m}:{t * 1e3:.1f}us" for m, t in cub.items()), flush=True)
+        for fam, (ms, cs) in GEMM_CANDIDATES.items():
+            for cand in cs:
+                row = {"n": n, "family": fam, "cand": list(cand)}
+                cfg = gemm_cfg(cand)
+                try:
+                    fails = []
+                    for dt, ref in refs.items():
+                        for rows in (slice(0, 300), slice(0, 1), slice(100, 117)):
+                            ok, det = equal(matmul_nt(big[rows], w, dt, cfg), ref[rows])
+                            if not ok:
+                                fails.append(f"{dt} rows {rows.start}:{rows.stop}: {det}")
+                    row["bitwise"] = "pass" if not fails else "FAIL " + "; ".join(fails)
+                    if not fails:
+                        row["ms"] = {m: tune_ms(lambda m=m: matmul_nt(big[:m], w, BF16, cfg), 25) for m in ms}
+                        row["ratio"] = {m: row["ms"][m] / cub[m] for m in ms}
+                except Exception as err:
+                    row["error"] = repr(err)[:300]
+                table.append(row)
+                r = " ".join(f"M{m}:{v * 1e3:.1f}us/{row['ratio'][m]:.2f}" for m, v in row.get("ms", {}).items())
+                print(f"gemm tune N={n} {fam} {cand} {row.get('bitwise', row.get('error'))} {r}", flush=True)
+        RESULTS.append({"name": f"tune gemm N={n} K={k}", "result": [r for r in table if r["n"] == n]})
+        flush()
+    # do the candidate families keep the bits at the model's other (N, K)?
+    shapes = [(3072, 2048), (5120, 2048), (2048, 5120), (512, 2048), (2048, 512), (256, 2048), (1024, 4096), (157184, 2048)]
+    probe = [c for c in cands if c in {("ptr", 16, 32, 4, 6, 1), ("ptr", 64, 32, 4, 4, 2), ("tma", 64, 128, 4, 4, 2),
+                                        ("tma", 128, 256, 8, 3, 1)}]
+    other = {}
+    for n, kk in shapes:
+        w = (torch.randn(n, kk, device=DEV) * kk ** -0.5).to(BF16)
+        x = torch.randn(300, kk, device=DEV).to(BF16)
+        ref = matmul_nt(x, w, torch.float32, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4))
+        for cand in probe:
+            try:
+                got = matmul_nt(x, w, torch.float32, gemm_cfg(cand))
+                other[f"N{n} K{kk} {cand}"] = equal(got, ref)[1] or "pass"
+            except Exception as err:
+                other[f"N{n} K{kk} {cand}"] = repr(err)[:200]
+    print("gemm tune other shapes (fp32 out vs 128x256):", other, flush=True)
+    RESULTS.append({"name": "tune gemm other shapes: same bits as 128x256 (fp32 out)", "result": other})
+    flush()
 
-            def fixed(nn, kk, mode, cfg=cfg):
-                return dict(cfg) if mode == MM.MODE_BF16 else orig(nn, kk, mode)
-            variants.append((MM, {"gemm_config": fixed, "_label": f"BM{bm} BN{bn} BK{bk} W{warps} S{stages} P{per_sm}"}))
-        orig = MM.gemm_config
-        cases["self"] = lambda: equal(MM.matmul_nt(big[:1], w, BF16), MM.matmul_nt(big[:1024], w, BF16)[:1])
-        cases["same_bits_as_shipped"] = lambda: equal(MM.matmul_nt(big[:300], w, BF16), ref300)
-        for m in (1, 8, 64, 256, 4096, 16384):
-            cases[f"M{m}"] = lambda m=m: MM.matmul_nt(big[:m], w, BF16)
-        tune_variants(f"gemm N={n} K={k}", variants, cases, ["self"],
-                      [f"M{m}" for m in (1, 8, 64, 256, 4096, 16384)], info=["same_bits_as_shipped"])
+
+# Small-M round (tune7): (BM, BN, warps, stages, progs per SM), pointer loads, BLOCK_K 64, timed
+# by CUDA-graph replay (device time; eager small-M figures are launch-bound) at both N.
+_SMALL_B0 = [(16, 64, 4, 8, 1), (16, 64, 4, 10, 1), (16, 32, 4, 8, 2), (16, 32, 2, 10, 2), (16, 32, 2, 8, 1),
+             (16, 16, 1, 8, 3), (16, 16, 2, 8, 3), (16, 16, 4, 8, 3), (16, 16, 2, 12, 3), (16, 16, 1, 16, 3),
+             (16, 16, 2, 12, 1), (16, 64, 4, 6, 1), (16, 32, 4, 6, 1)]
+_SMALL_B1 = [(64, 16, 4, 4, 3), (64, 16, 4, 6, 3), (64, 16, 4, 8, 3), (64, 16, 2, 6, 3), (64, 32, 4, 6, 2),
+             (64, 64, 4, 6, 2), (32, 16, 2, 8, 3), (32, 32, 4, 6, 2), (16, 16, 2, 8, 3), (16, 32, 4, 8, 2),
+             (64, 64, 4, 4, 2), (64, 32, 4, 4, 2)]
+_SMALL_B2 = [(64, 64, 4, 4, 3), (64, 64, 4, 6, 2), (64, 32, 4, 6, 3), (64, 16, 4, 6, 4), (128, 64, 4, 4, 2),
+             (128, 64, 8, 4, 2), (128, 64, 8, 3, 1), (128, 32, 4, 6, 2), (128, 128, 8, 4, 1), (64, 128, 4, 6, 2),
+             (64, 128, 4, 4, 2)]
+# bucket (matmul.M_BUCKETS index) -> (M values timed, candidates); the current tile of each bucket
+# is added and timed first. tune7 ran these lists with the buckets M <= 16 / 64 / 256 (its
+# bucket 1 = M 32 and 64 here, its bucket 2 = M 128 and 256).
+GEMM_SMALL = {0: ([1, 8, 16], _SMALL_B0), 1: ([32], _SMALL_B1), 2: ([64], _SMALL_B1),
+              3: ([128], _SMALL_B2), 4: ([256], _SMALL_B2)}
+
+
+def _small_cfg(c):
+    bm, bn, warps, stages, per_sm = c
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=stages, PROGS_PER_SM=per_sm)
+
+
+def _small_precompile(cand):
+    from rl.kernels.triton.matmul import matmul_nt
+    x = torch.randn(300, 2048, device=DEV).to(BF16)
+    w = torch.randn(2048, 2048, device=DEV).to(BF16)
+    try:
+        for dt in (BF16, torch.float32):
+            matmul_nt(x, w, dt, _small_cfg(cand))
+        torch.cuda.synchronize()
+        return None
+    except Exception as err:
+        return repr(err)[:300]
+
+
+def _graph_of(fn):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def gemm_host_time(calls=2000):
+    """Host microseconds per call, old vs new launch paths in one process: `calls` back-to-back
+    calls, no flush, host clock; `launch_us` stops before the final sync, `total_us` after it."""
+    from rl.kernels.triton import matmul as MM
+    rows = []
+    for n, k in ((6144, 2048), (2048, 2048)):
+        w = (torch.randn(n, k, device=DEV) * k ** -0.5).to(BF16)
+        for m in (1, 8, 64, 256):
+            x = torch.randn(m, k, device=DEV).to(BF16)
+            cfg = MM.tile_config(m, n, k, MM.MODE_BF16)
+            progs = min(cfg.get("PROGS_PER_SM", 1) * MM.num_sms(0),
+                        triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]))
+
+            def jit(x=x, w=w, cfg=cfg, progs=progs, m=m, n=n, k=k):   # the JIT's own launch (before 4670913)
+                c = torch.empty(m, n, device=DEV, dtype=BF16)
+                MM._jit_launch(MM._gemm_kernel, progs, (x, w, c, m, n, k, x.stride(0), 1, w.stride(0), 1, n, 1, progs),
+                               (cfg["BLOCK_M"], cfg["BLOCK_N"], 64, 8, 0), cfg["num_warps"], cfg["num_stages"])
+                return c
+            paths = {"new linear": lambda x=x: T.linear(x, w),
+                     "new matmul_nt": lambda x=x: MM.matmul_nt(x, w, BF16),
+                     "old _launch (4670913)": lambda x=x, cfg=cfg: MM.matmul_nt(x, w, BF16, cfg),
+                     "jit": jit, "torch.mm": lambda x=x: torch.mm(x, w.t())}
+            row = {"n": n, "k": k, "m": m,
+                   "bitwise_new_vs_old": equal(T.linear(x, w), MM.matmul_nt(x, w, BF16, cfg))[1] or "pass",
+                   "bitwise_jit_vs_old": equal(jit(), MM.matmul_nt(x, w, BF16, cfg))[1] or "pass",
+                   "direct": dict(MM._DIRECT)}
+            for name, fn in paths.items():
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+                best = None
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    t1 = time.perf_counter()
+                    torch.cuda.synchronize()
+                    t2 = time.perf_counter()
+                    cur = ((t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6)
+                    best = cur if best is None or cur[1] < best[1] else best
+                row[name] = {"launch_us": best[0], "total_us": best[1]}
+            rows.append(row)
+            print("gemm host us/call N=%d M=%d: " % (n, m) + "; ".join(
+                f"{p} {row[p]['launch_us']:.1f}/{row[p]['total_us']:.1f}" for p in paths) + f" bits {row['bitwise_new_vs_old']}", flush=True)
+    RESULTS.append({"name": f"gemm host us per call ({calls} back-to-back calls, launch_us before sync / total_us after)",
+                    "result": rows})
+    flush()
+
+
+def tune_gemmsmall():
+    """Small-M tiles by device time: each candidate bit-checked against the current tiles
+    (rows 0:300, 0:1, 100:117; bf16 and fp32 out), then timed by CUDA-graph replay (do_bench,
+    L2 flushed) at its bucket's M values, beside cuBLAS timed the same way."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    from rl.kernels.triton.matmul import matmul_nt
+    gemm_host_time()
+    from rl.kernels.triton import matmul as MM
+    cands = sorted({c for _, cs in GEMM_SMALL.values() for c in cs} | set(MM.SMALL_TILES.values()))
+    t0 = time.time()
+    try:
+        with cf.ProcessPoolExecutor(max_workers=14, mp_context=mp.get_context("spawn")) as pool:
+            errs = dict(zip(cands, pool.map(_small_precompile, cands)))
+    except Exception as err:
+        errs = {"pool": repr(err)[:300]}
+    print(f"gemm small precompile {len(cands)} candidates {time.time() - t0:.1f}s; errors: "
+          f"{ {str(c): e for c, e in errs.items() if e} }", flush=True)
+    shapes = [(6144, 2048), (2048, 2048), (3072, 2048), (5120, 2048), (2048, 5120), (2048, 512)]
+    summary = []
+    for si, (n, k) in enumerate(shapes):
+        xs = torch.randn(300, k, device=DEV).to(BF16)
+        w = (torch.randn(n, k, device=DEV) * k ** -0.5).to(BF16)
+        refs = {dt: T.linear(xs, w, dt) for dt in (BF16, torch.float32)}
+        table = []
+        for bucket, (ms, cs) in GEMM_SMALL.items():
+            t = MM._bf16_tile(bucket, n >= 4096, k)
+            cur = (t["BLOCK_M"], t["BLOCK_N"], t["num_warps"], t["num_stages"], t.get("PROGS_PER_SM", 1))
+            if si >= 2:   # the other shapes: the largest M of the bucket, a shortlist
+                ms, cs = ms[-1:], TUNE7_SHORTLIST[bucket]
+            cs = [cur] + [c for c in cs if c != cur]
+            cub = {m: bench_ms(_graph_of(lambda m=m: torch.mm(xs[:m], w.t())).replay, 30) for m in ms}
+            for cand in cs:
+                row = {"n": n, "k": k, "bucket": bucket, "cand": list(cand), "current": cand == cur}
+                cfg = _small_cfg(cand)
+                try:
+                    fails = []
+                    for dt, ref in refs.items():
+                        for rows in (slice(0, 300), slice(0, 1), slice(100, 117)):
+                            ok, det = equal(matmul_nt(xs[rows], w, dt, cfg), ref[rows])
+                            if not ok:
+                                fails.append(f"{dt} rows {rows.start}:{rows.stop}: {det}")
+                    row["bitwise"] = "pass" if not fails else "FAIL " + "; ".join(fails)
+                    if not fails:
+                        row["graph_us"] = {m: 1e3 * bench_ms(_graph_of(
+                            lambda m=m, cfg=cfg: matmul_nt(xs[:m], w, BF16, cfg)).replay, 30) for m in ms}
+                        row["ratio"] = {m: row["graph_us"][m] / (1e3 * cub[m]) for m in ms}
+                except Exception as err:
+                    row["error"] = repr(err)[:300]
+                table.append(row)
+                r = " ".join(f"M{m}:{v:.2f}us/{row['ratio'][m]:.3f}" for m, v in row.get("graph_us", {}).items())
+                print(f"small N={n} K={k} b{bucket} {cand}{' (current)' if cand == cur else ''} "
+                      f"{row.get('bitwise', row.get('error'))} {r}", flush=True)
+            table.append({"n": n, "k": k, "bucket": bucket, "cand": "cublas", "graph_us": {m: 1e3 * v for m, v in cub.items()}})
+            ok = [r for r in table if r.get("bucket") == bucket and "ratio" in r]
+            if ok:
+                best = min(ok, key=lambda r: sum(r["ratio"].values()))
+                now = next((r for r in ok if r["current"]), None)
+                summary.append({"n": n, "k": k, "bucket": bucket, "best": best["cand"], "best_ratio": best["ratio"],
+                                "current": list(cur), "current_ratio": now and now["ratio"]})
+                print(f"BEST N={n} K={k} b{bucket}: {best['cand']} {best['ratio']} (current {cur}: {now and now['ratio']})", flush=True)
+        RESULTS.append({"name": f"tune gemm small M by graph replay N={n} K={k}", "result": table})
+        flush()
+    RESULTS.append({"name": "tune gemm small M: best per bucket (sum of graph ratios)", "result": summary})
+    flush()
+
+
+# candidates re-timed at the model's other shapes (first entry of each bucket = the current tile)
+_SHORT_B1 = [(64, 16, 4, 6, 3), (32, 16, 2, 8, 3), (64, 32, 4, 6, 2)]
+_SHORT_B2 = [(64, 32, 4, 6, 3), (128, 64, 4, 4, 2), (128, 32, 4, 6, 2), (64, 64, 4, 4, 3)]
+TUNE7_SHORTLIST = {0: [(16, 16, 2, 8, 3), (16, 16, 1, 8, 3), (16, 32, 4, 8, 2), (16, 64, 4, 8, 1)],
+                   1: _SHORT_B1, 2: _SHORT_B1, 3: _SHORT_B2, 4: _SHORT_B2}
 
 
 def tune_all():

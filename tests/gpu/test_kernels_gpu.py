@@ -47,6 +47,66 @@ def test_linear_batch_invariant(n, k, kind):
     assert rel_err(full[:64], ref) < tol
 
 
+# every (N, K) that Ring-mini-linear-2.0 sends through `linear`: linear-attention qkv, softmax
+# qkv, g_proj / dense, dense MLP up / down, shared expert up / down, a bf16 router, lm_head
+MODEL_GEMMS = [(6144, 2048), (3072, 2048), (2048, 2048), (5120, 2048), (2048, 5120), (512, 2048),
+               (2048, 512), (256, 2048), (157184, 2048)]
+
+
+@pytest.mark.parametrize("n,k", MODEL_GEMMS, ids=[f"N{n}-K{k}" for n, k in MODEL_GEMMS])
+@pytest.mark.parametrize("out", ["bf16", "fp32"])
+def test_linear_m_buckets_bitwise(n, k, out):
+    """bf16 tiles change with M (matmul.M_BUCKETS): a row's bits must not. Rows computed alone,
+    in calls of M just below / above every bucket boundary, and inside a call past the last
+    boundary (128x256 TMA tiles) and through pointer loads (row stride not 16-byte aligned)."""
+    from rl.kernels.triton.matmul import M_BUCKETS, MODE_BF16, tile_config
+    out_dtype = torch.float32 if out == "fp32" else BF16
+    m_full = M_BUCKETS[-1] + 1000
+    x = torch.randn(m_full, k, device=DEV).to(BF16)
+    w = (torch.randn(n, k, device=DEV) * k ** -0.5).to(BF16)
+    full = T.linear(x, w, out_dtype)
+    assert tile_config(m_full, n, k, MODE_BF16).get("TMA")
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    for r in (0, 777, m_full - 1):
+        assert_bitwise(T.linear(x[r:r + 1], w, out_dtype), full[r:r + 1], f"row {r} alone")
+    for b in M_BUCKETS:
+        for m in (b, b + 1):
+            rows = torch.randperm(m_full, generator=gen)[:m].to(DEV)
+            assert_bitwise(T.linear(x[rows], w, out_dtype), full[rows], f"M={m} (boundary {b})")
+            assert_bitwise(T.linear(x[m_full - m:], w, out_dtype), full[m_full - m:], f"M={m} tail slice")
+    padded = torch.empty(m_full, k + 4, device=DEV, dtype=BF16)
+    padded[:, :k] = x
+    assert_bitwise(T.linear(padded[:, :k], w, out_dtype), full, "pointer loads (unaligned row stride)")
+    if n <= 8192:
+        ref = x[:64].double() @ w.double().t()
+        assert rel_err(full[:64], ref) < (3e-5 if out == "fp32" else 8e-3)
+
+
+def test_linear_direct_launch_fallback(monkeypatch):
+    """A direct launcher that fails (another Triton's signature) turns the direct path off for
+    good; calls keep working, with the same bits, through the JIT."""
+    from rl.kernels.triton import matmul as MM
+    x = torch.randn(40, 2048, device=DEV).to(BF16)
+    w = (torch.randn(2048, 2048, device=DEV) * 2048 ** -0.5).to(BF16)
+    ref = T.linear(x, w)
+    T.linear(x[3:4], w)          # first sight: the JIT, then the direct launch checked against it
+    ref1 = T.linear(x[3:4], w)   # seen before: the direct path
+    assert MM._DIRECT["ok"], MM._DIRECT["reason"]
+    assert_bitwise(ref1, ref[3:4], "direct M=1")
+
+    def broken(compiled):
+        def direct(progs, stream, args):
+            raise TypeError("launcher signature changed")
+        return direct
+    monkeypatch.setattr(MM, "_make_direct", broken)
+    monkeypatch.setattr(MM, "_FAST", {})
+    monkeypatch.setattr(MM, "_DIRECT", {"ok": True, "reason": ""})
+    for _ in range(2):
+        assert_bitwise(T.linear(x, w), ref, "fallback M=40")
+        assert_bitwise(T.linear(x[3:4], w), ref[3:4], "fallback M=1")
+    assert not MM._DIRECT["ok"] and "signature" in MM._DIRECT["reason"]
+
+
 def test_linear_fp32_ieee_and_grad():
     x = torch.randn(70, 96, device=DEV, dtype=torch.float64)
     w = torch.randn(40, 96, device=DEV, dtype=torch.float64)
