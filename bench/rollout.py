@@ -96,6 +96,43 @@ def ling_moe_config(cfg) -> dict:
             "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu"}
 
 
+def decode_step_bytes(cfg, arch: str, batch: int, context: int, intermediate: int | None = None) -> dict:
+    """The fewest bytes one decode step of `batch` sequences at `context` tokens must read
+    from memory (bf16 weights unless noted): every weight it uses once, plus each sequence's
+    KV cache (softmax layers) or fp32 state (linear layers). MoE layers read the experts that
+    at least one of the step's tokens picks: E (1 - (1 - k/E)^(batch)) of them on average under
+    uniform routing (random weights route about uniformly). Ours reads the lm_head widened to
+    fp32 (DESIGN.md: lm_head in fp32) and each linear layer's state S plus its pending k/v.
+    At decode sizes a step is bound by these bytes, so stock_bytes / our_bytes is about the
+    best tokens/s ratio the memory bandwidth allows."""
+    h, layers, d = cfg.hidden_size, cfg.num_hidden_layers, cfg.head_dim
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    attn = (hq * d + 2 * hkv * d) * h + hq * d * h                   # q, k, v, o
+    kv_per_seq = 2 * hkv * d * 2 * context                           # one softmax layer, bf16
+    if arch == "qwen2":
+        mlp = 3 * h * intermediate
+        weights = layers * (attn + mlp) * 2 + cfg.vocab_size * h * 2
+        return {"weights": weights, "per_sequence": layers * kv_per_seq * batch,
+                "total": weights + layers * kv_per_seq * batch}
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    touched = e * (1.0 - (1.0 - k / e) ** batch)
+    expert = 3 * h * cfg.moe_intermediate_size
+    moe_layers = layers - cfg.first_k_dense_replace
+    moe = moe_layers * ((touched + cfg.num_shared_experts) * expert + e * h)       # + router
+    dense = cfg.first_k_dense_replace * 3 * h * cfg.intermediate_size
+    if arch == "ling":
+        weights = (layers * attn + moe + dense) * 2 + cfg.vocab_size * h * 2
+        per_seq = layers * kv_per_seq
+    else:
+        softmax = sum(cfg.is_softmax_layer(i) for i in range(layers))
+        gate = hq * d * h                                             # linear layers' output gate
+        weights = (layers * attn + (layers - softmax) * gate + moe + dense) * 2 + cfg.vocab_size * h * 4
+        c = cfg.linear_chunk_size
+        state = hq * d * d * 4 + hq * c * 2 * d * 4                   # S + pending k/v, fp32
+        per_seq = softmax * kv_per_seq + (layers - softmax) * state
+    return {"weights": int(weights), "per_sequence": int(per_seq * batch), "total": int(weights + per_seq * batch)}
+
+
 def bench_stock(config: dict, cfg, prompts, new_tokens: int) -> dict:
     from vllm import LLM, SamplingParams
     directory = Path(tempfile.mkdtemp(prefix="lockstep-bench-stock-"))
@@ -159,6 +196,14 @@ def main() -> int:
             plain = bench_lockstep(config_path, prompts, new_tokens, 0, "stock")
             entry["our_model_stock_ops"] = plain
             entry["ratio_stock_ops_vs_qwen2"] = plain["tokens_per_s"] / stock["tokens_per_s"]
+        context = sum(map(len, prompts)) // num_prompts + new_tokens // 2
+        step = {"ours": decode_step_bytes(cfg, "ours", num_prompts, context),
+                "stock_qwen2": decode_step_bytes(cfg, "qwen2", num_prompts, context,
+                                                 stock["intermediate_size"]),
+                "stock_ling_moe": decode_step_bytes(cfg, "ling", num_prompts, context)}
+        entry["decode_step_bytes"] = {"batch": num_prompts, "mean_context": context, **step,
+                                      "bytes_ratio_qwen2_over_ours": step["stock_qwen2"]["total"] / step["ours"]["total"],
+                                      "bytes_ratio_ling_over_ours": step["stock_ling_moe"]["total"] / step["ours"]["total"]}
         result["models"][name] = entry
         print(json.dumps({name: result["models"][name]}), file=sys.stderr, flush=True)
     text = json.dumps(result, indent=2)
