@@ -113,6 +113,24 @@ def test_moe_route_and_experts_batch_invariant():
     rows_invariant(moe, torch.randn(1000, hidden).bfloat16(), "moe")
 
 
+def test_moe_experts_rollout_path_equals_trainer_path():
+    """Without autograd the experts' rows go through one sorted gather (rollout), with it
+    through one gather per expert (trainer): the same bits, also with idle experts and no tokens."""
+    num_experts, hidden, inter, k = 8, 64, 32, 2
+    gw = torch.randn(num_experts, inter, hidden).bfloat16()
+    uw = torch.randn(num_experts, inter, hidden).bfloat16()
+    dw = torch.randn(num_experts, hidden, inter).bfloat16()
+    for n, pool in ((300, 8), (37, 3), (1, 8), (0, 8)):
+        x = torch.randn(n, hidden).bfloat16()
+        ids = torch.stack([torch.randperm(pool)[:k] for _ in range(n)]).sort(-1)[0] if n else \
+            torch.zeros((0, k), dtype=torch.int64)
+        weights = torch.rand(n, k)
+        with torch.no_grad():
+            rollout = K.moe_experts(x, ids, weights, gw, uw, dw)
+        trainer = K.moe_experts(x.clone().requires_grad_(), ids, weights, gw, uw, dw)
+        assert_bits_equal(rollout, trainer.detach(), f"moe experts n={n} experts used={pool}")
+
+
 def test_moe_route_ties_go_to_lower_index():
     scores_logits = torch.zeros(3, 8)        # all experts tie
     gate = torch.eye(8)
