@@ -53,13 +53,13 @@ from rl.kernels.triton.autograd import with_reference_grad
 from rl.kernels.triton.matmul import MODE_BF16, MODE_IEEE, split_dot_a, split_dot_b
 
 # full-window kernel (H200 variant tables: bench/results/kernels_gpu_h200_tune4.json, tune5.json)
-BLOCK_V = 64      # 32: illegal memory access on the H200 (Triton 3.6, wgmma N = 32), tune1 and run 8
+BLOCK_V = 64      # 32: illegal memory access on the H200 (Triton 3.6, wgmma N = 32), tune1 and tune5
 SPLIT_PARTS = 3
 NUM_WARPS = 4     # 8 warps: 1 program an SM at 255 registers; 4: 2 programs, 35% faster (H200)
 NUM_STAGES = 1    # 2 stages: shared memory for 1 program an SM, slower
 MAXNREG = None    # register cap (None: the compiler's 255); 8 warps capped at 128: 2.8x slower (spills)
 # tile kernel: 64 V-columns a program, 8 warps capped at 128 registers (no spills), so 2
-# programs share an SM (128 columns, 255 registers: 1 an SM); run 8 (H200): decode 0.269 vs
+# programs share an SM (128 columns, 255 registers: 1 an SM); tune5 (H200): decode 0.269 vs
 # 0.289 ms; 32 columns / 4 warps capped: 0.285-0.291 (kernels_gpu_h200_tune5.json)
 Q_TILE = 16       # Q_TILE >= C turns the tile kernel off (every sequence takes the full window)
 TILE_BV = 64
@@ -221,7 +221,7 @@ def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr
     window's products restricted to TQ rows. The new rows join `pending` here (rows >= pend,
     which no program of this launch reads). Operands are loaded where they are used, and
     reloaded for the rare window-completing state update, to keep few registers live (loading
-    k, S and v together up front was 3% slower on the H200, run 8)."""
+    k, S and v together up front was 3% slower on the H200, tune5)."""
     seq, h, vb, start, qlen, ctx, pend, used = _program(qsl_ptr, ctx_ptr, H, D // BV, C, HAS_STATE)
     if _fits_tile(pend, used, qlen, C, TQ):
         ci = tl.arange(0, C)
