@@ -343,6 +343,13 @@ def lightning_cases():
     dm.state_indices = torch.arange(bsz, device=DEV)
     init = torch.randn(bsz, h, d, d, device=DEV) * 0.01
     c["decode"] = lambda: T.lightning_attention(qd, kd, vd, ld, dm, (s_pool, p_pool), 64)
+    s_init, p_init = s_pool.clone(), p_pool.clone()
+
+    def decode_fresh():
+        """One decode call from the initial state (copies): output, state and pending after it."""
+        st = (s_init.clone(), p_init.clone())
+        return T.lightning_attention(qd, kd, vd, ld, dm, st, 64), st[0], st[1]
+    c["decode_fresh"] = decode_fresh
     c["decode_base"] = lambda: fused_recurrent_simple_gla(qd[:, None], kd[:, None], vd[:, None], g_gamma=ld, scale=d ** -0.5,
                                                           initial_state=init, output_final_state=True)
 
@@ -384,6 +391,10 @@ def bench_lightning():
                None, "fla chunk_simple_gla (g)", note="not the shipped setting (SPLIT_PARTS=3)")
     record("lightning decode B256 (state fp32 + pending)", c["decode_check"], c["decode"], c["decode_base"], 1.3,
            "fla fused_recurrent_simple_gla (g_gamma, fp32 state in/out)")
+    with consts(L, TILE_BV=128, TILE_WARPS=8, TILE_MAXNREG=None):
+        record("lightning decode B256, run-6 tile config (128 V-columns, 8 warps, no register cap)", c["decode_check"],
+               c["decode"], c["decode_base"], None, "fla fused_recurrent_simple_gla (g_gamma)",
+               note="not the shipped setting: the before/after of the 64-column tile programs in one run")
     with consts(L, Q_TILE=64):
         record("lightning decode B256, tile kernel off (full 64-row windows, the run-4 path)", c["decode_check"],
                c["decode"], c["decode_base"], None, "fla fused_recurrent_simple_gla (g_gamma)",
@@ -542,6 +553,52 @@ def tune_lightning():
     # BLOCK_V=128 slower, BLOCK_V=32 faulted (a fault ends the process: left out).
     tune_lightning_decode(c, [dict(), dict(TILE_BV=64, TILE_WARPS=4), dict(TILE_BV=64, TILE_WARPS=8),
                               dict(TILE_BV=128, TILE_WARPS=4), dict(Q_TILE=64)])
+
+
+LIGHTNING_VARIANTS = {
+    # prefill (full-window kernel): warps and register cap (tune5: 8 warps capped at 128, 2.8x
+    # slower from spills; no prefetch of the next window +1%, intra table per window +10%)
+    "prefill": [dict(), dict(NUM_WARPS=8, MAXNREG=128)],
+    # decode (tile kernel): V-columns a program, warps, register cap
+    "decode": [dict(), dict(TILE_BV=128, TILE_WARPS=8, TILE_MAXNREG=None), dict(TILE_BV=64, TILE_WARPS=4, TILE_MAXNREG=168),
+               dict(TILE_BV=64, TILE_WARPS=4, TILE_MAXNREG=None), dict(TILE_BV=32, TILE_WARPS=4, TILE_MAXNREG=128), dict()],
+    # BLOCK_V = 32 in the full-window kernel faults (illegal memory access; tune1, tune5): run apart
+    "prefill32": [dict(BLOCK_V=32)],
+}
+
+
+def tune_lightning_split():
+    """Variant table (LVARIANTS=prefill,decode,prefill32): for each variant the bits against
+    the shipped settings (prefill output; decode output, state and pending after one call
+    from the same state), its own prefill/decode checks, then prefill and decode times."""
+    import os
+    from rl.kernels.triton import lightning as L
+    c = lightning_cases()
+    ref_pre = c["prefill"]().clone()
+    ref_dec = [x.clone() for x in c["decode_fresh"]()]
+    torch.cuda.synchronize()
+    rows = []
+    for group in os.environ.get("LVARIANTS", "prefill,decode").split(","):
+        for values in LIGHTNING_VARIANTS[group]:
+            row = {"group": group, "variant": {k: str(v) for k, v in values.items()}}
+            try:
+                with consts(L, **values):
+                    same = [bool(torch.equal(c["prefill"](), ref_pre))]
+                    same += [bool(torch.equal(a, b)) for a, b in zip(c["decode_fresh"](), ref_dec)]
+                    torch.cuda.synchronize()
+                    row["same_bits_as_shipped"] = same
+                    fails = [f"{n}: {det}" for n in ("prefill_check", "decode_check") for ok, det in [c[n]()] if not ok]
+                    row["checks"] = "pass" if not fails else "FAIL " + "; ".join(fails)
+                    if all(same) and not fails:
+                        row["prefill_ms"] = tune_ms(c["prefill"], 100)
+                        row["decode_ms"] = tune_ms(c["decode"], 100)
+            except Exception as err:
+                row["error"] = repr(err)[:300]
+            rows.append(row)
+            print(f"tune lightning split: {row}", flush=True)
+            RESULTS.append({"name": "tune lightning variant", "result": row})
+            flush()
+    return rows
 
 
 def tune_lightning_decode(c, variants):
@@ -1008,12 +1065,13 @@ def bench_slice():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/kernels_gpu_h200.json")
-    ap.add_argument("--only", default="", help="comma list: gemm,probe,rmsnorm,attn,lightning,moe,slice,tune,lprobe (tune: variant tables; lprobe: lightning calls for ncu; neither in the default set)")
+    ap.add_argument("--only", default="", help="comma list: gemm,probe,rmsnorm,attn,lightning,moe,slice,tune,lprobe,ltune (tune: variant tables; lprobe: lightning calls for ncu; ltune: lightning variants, LVARIANTS=groups; none of the three in the default set)")
     args = ap.parse_args()
     torch.manual_seed(0)
     parts = {"gemm": lambda: bench_gemm([1, 8, 64, 256, 4096, 16384]), "probe": probe_gemm_configs,
              "rmsnorm": bench_rmsnorm, "attn": bench_softmax_attention, "lightning": bench_lightning,
-             "moe": bench_moe, "slice": bench_slice, "tune": tune_all, "lprobe": probe_lightning}
+             "moe": bench_moe, "slice": bench_slice, "tune": tune_all, "lprobe": probe_lightning,
+             "ltune": tune_lightning_split}
     chosen = [p for p in parts if p in args.only.split(",")] if args.only else [p for p in parts if p not in ("tune", "lprobe")]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     META.update(out=args.out, t0=time.time(), command="python bench/kernels_gpu.py " + " ".join(sys.argv[1:]),

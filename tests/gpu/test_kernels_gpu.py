@@ -306,6 +306,42 @@ def test_lightning_prefill_decode_bitwise(chunk):
         assert_bitwise(out, full, f"state {name} chunk={chunk}")
 
 
+@pytest.mark.parametrize("block_v,tile_bv", [(128, 32), (128, 128)])
+def test_lightning_block_v_same_bits(block_v, tile_bv):
+    """Output column j and state column j depend only on value column j: the V-block width of
+    either kernel moves no bit (full forward; prefill + decode steps + short chunks through
+    the state, whose S and pending rows must match too). The full-window kernel's 32 columns
+    fault on the H200 (Triton 3.6), so it is checked at 128 against the shipped 64."""
+    from rl.kernels.triton import lightning as L
+    h, d, chunk = 4, 128, 64
+    lengths = [1, 63, 64, 65, 200, 7]
+    n = sum(lengths)
+    q, k, v = (torch.randn(n, h, d, device=DEV).mul(0.3).to(BF16) for _ in range(3))
+    ld = _slopes(h)
+    b = BatchMeta.from_lengths(lengths, device=DEV)
+    first = [x // 2 for x in lengths]
+
+    def run():
+        full = T.lightning_attention(q, k, v, ld, b, None, chunk)
+        state = (torch.zeros((len(lengths), h, d, d), device=DEV), torch.zeros((len(lengths), h, chunk, 2 * d), device=DEV))
+        out = torch.full_like(full, float("nan"))
+        for ctx, qlen in split_schedule(lengths, first, lambda it, i: (1, 3, 1, 17)[(it + i) % 4]):
+            rows = rows_of(lengths, ctx, qlen)
+            bm = BatchMeta.from_lengths(qlen, context_lens=ctx, device=DEV)
+            bm.state_indices = torch.arange(len(lengths), device=DEV)
+            out[rows] = T.lightning_attention(q[rows], k[rows], v[rows], ld, bm, state, chunk)
+        return full, out, state[0], state[1]
+    shipped = run()
+    saved = (L.BLOCK_V, L.TILE_BV)
+    try:
+        L.BLOCK_V, L.TILE_BV = block_v, tile_bv
+        other = run()
+    finally:
+        L.BLOCK_V, L.TILE_BV = saved
+    for a, o, what in zip(shipped, other, ("full", "prefill+decode", "state S", "pending")):
+        assert_bitwise(o, a, f"BLOCK_V={block_v} TILE_BV={tile_bv} {what}")
+
+
 def test_lightning_decay_tables_kernel_equals_torch():
     """The kernels' decay tables (one Triton launch, libdevice expf) have the bits of the cpu
     backend's torch formulas evaluated on the same GPU, for the Ring slopes at every layer."""

@@ -7,7 +7,8 @@ in its window, with S the state at the window start:
     o_t = λ^{j+1}·scale·(q_t S) + Σ_{s<=j} (q_t·k_s)·λ^{j-s}·scale · v_s
 and at the end of a full window S ← λ^C S + Σ_s kᵀ_s (λ^{C-1-s} v_s).
 
-Two kernels, grid (sequence, head, V-block), each taking the sequences the other leaves:
+Two kernels, one program per (sequence, head, V-block) (a 1-D grid, the V-blocks of a head
+adjacent), each taking the sequences the other leaves:
   - `_lightning_tile_kernel`: sequences whose new tokens lie in one Q_TILE-row query tile of
     one window (a decode step, a short chunk) compute only that tile: [Q_TILE, D] x [D, C],
     [Q_TILE, C] x [C, BV], [Q_TILE, D] x [D, BV] products (the cpu backend's Q_TILE rows too).
@@ -21,6 +22,9 @@ k16 tensor-core steps in the same order in both kernels: the 16-row tile runs on
 same bits -- tests/gpu and the bench check it for every window offset. So a token's bits are
 the same from a full forward, prefill + decode, chunked prefill at any split, or a recompute.
 (A transposed tile form, wgmma with N = 16, gave other bits and faulted at D = 64: not used.)
+Output column j and state column j depend only on value column j, and every reduction (over
+d_k, over a window's rows) keeps its shape, so the V-block width moves no bit (tests/gpu
+checks 32, 64 and 128 columns against each other).
 
 Decay tables (λ^{j+1}·scale, λ^{C-1-s}, λ^{j-s}·scale, λ^C): the cpu backend's formulas
 (`rl.kernels.cpu.lightning.decay_tables`), computed on the GPU by one small kernel
@@ -48,15 +52,19 @@ from rl.kernels.cpu.lightning import decay_tables as cpu_decay_tables
 from rl.kernels.triton.autograd import with_reference_grad
 from rl.kernels.triton.matmul import MODE_BF16, MODE_IEEE, split_dot_a, split_dot_b
 
-# full-window kernel (H200 variant tables: bench/results/kernels_gpu_h200_tune4.json)
-BLOCK_V = 64
+# full-window kernel (H200 variant tables: bench/results/kernels_gpu_h200_tune4.json, tune5.json)
+BLOCK_V = 64      # 32: illegal memory access on the H200 (Triton 3.6, wgmma N = 32), tune1 and tune5
 SPLIT_PARTS = 3
 NUM_WARPS = 4     # 8 warps: 1 program an SM at 255 registers; 4: 2 programs, 35% faster (H200)
 NUM_STAGES = 1    # 2 stages: shared memory for 1 program an SM, slower
-# tile kernel
+MAXNREG = None    # register cap (None: the compiler's 255); 8 warps capped at 128: 2.8x slower (spills)
+# tile kernel: 64 V-columns a program, 8 warps capped at 128 registers (no spills), so 2
+# programs share an SM (128 columns, 255 registers: 1 an SM); tune5 (H200): decode 0.269 vs
+# 0.289 ms; 32 columns / 4 warps capped: 0.285-0.291 (kernels_gpu_h200_tune5.json)
 Q_TILE = 16       # Q_TILE >= C turns the tile kernel off (every sequence takes the full window)
-TILE_BV = 128
+TILE_BV = 64
 TILE_WARPS = 8
+TILE_MAXNREG = 128
 
 
 @triton.jit
@@ -108,6 +116,26 @@ def _fits_tile(pend, used, qlen, C: tl.constexpr, TQ: tl.constexpr):
 
 
 @triton.jit
+def _program(qsl_ptr, ctx_ptr, H, NV: tl.constexpr, C: tl.constexpr, HAS_STATE: tl.constexpr):
+    """This program's sequence, head and V-block (1-D grid, the V-blocks of a head adjacent in
+    launch order, so they read its q/k and pending rows close together in time, through L2),
+    and its sequence's first new token, new-token count, context, pending rows and window rows
+    in use (pending + new)."""
+    pid = tl.program_id(0)
+    vb = pid % NV
+    h = (pid // NV) % H
+    seq = pid // (NV * H)
+    start = tl.load(qsl_ptr + seq)
+    qlen = tl.load(qsl_ptr + seq + 1) - start
+    if HAS_STATE:
+        ctx = tl.load(ctx_ptr + seq)
+    else:
+        ctx = start * 0
+    pend = ctx % C
+    return seq, h, vb, start, qlen, ctx, pend, pend + qlen
+
+
+@triton.jit
 def _decay_tables_kernel(ld_ptr, qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr, scale, C: tl.constexpr):
     """The cpu backend's `decay_tables` (with the score scale folded in), one program a head:
     q-decay·scale [C], k-decay [C], intra·scale [C, C], window decay λ^C; expf from libdevice."""
@@ -130,17 +158,7 @@ def _lightning_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl
                       s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H,
                       D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
                       MODE: tl.constexpr, PARTS: tl.constexpr, TILE: tl.constexpr, TQ: tl.constexpr):
-    seq = tl.program_id(0)
-    h = tl.program_id(1)
-    vb = tl.program_id(2)
-    start = tl.load(qsl_ptr + seq)
-    qlen = tl.load(qsl_ptr + seq + 1) - start
-    if HAS_STATE:
-        ctx = tl.load(ctx_ptr + seq)
-    else:
-        ctx = start * 0
-    pend = ctx % C
-    used = pend + qlen
+    seq, h, vb, start, qlen, ctx, pend, used = _program(qsl_ptr, ctx_ptr, H, D // BV, C, HAS_STATE)
     run = qlen > 0
     if TILE:   # sequences that fit one tile are the tile kernel's
         run = run & (not _fits_tile(pend, used, qlen, C, TQ))
@@ -202,18 +220,9 @@ def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr
     chunks): only that tile's rows, from the window's k/v (pending + new) and S, with the full
     window's products restricted to TQ rows. The new rows join `pending` here (rows >= pend,
     which no program of this launch reads). Operands are loaded where they are used, and
-    reloaded for the rare window-completing state update, to keep few registers live."""
-    seq = tl.program_id(0)
-    h = tl.program_id(1)
-    vb = tl.program_id(2)
-    start = tl.load(qsl_ptr + seq)
-    qlen = tl.load(qsl_ptr + seq + 1) - start
-    if HAS_STATE:
-        ctx = tl.load(ctx_ptr + seq)
-    else:
-        ctx = start * 0
-    pend = ctx % C
-    used = pend + qlen
+    reloaded for the rare window-completing state update, to keep few registers live (loading
+    k, S and v together up front was 3% slower on the H200, tune5)."""
+    seq, h, vb, start, qlen, ctx, pend, used = _program(qsl_ptr, ctx_ptr, H, D // BV, C, HAS_STATE)
     if _fits_tile(pend, used, qlen, C, TQ):
         ci = tl.arange(0, C)
         di = tl.arange(0, D)
@@ -346,12 +355,12 @@ def _lightning_fast(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
             q_dec, k_dec, intra, w_dec, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), h)
     if tile:
-        _lightning_tile_kernel[(batch.num_seqs, h, d // tbv)](
+        _lightning_tile_kernel[(batch.num_seqs * h * (d // tbv),)](
             *args, D=d, C=chunk_size, BV=tbv, TQ=tq, HAS_STATE=has_state, MODE=mode, PARTS=SPLIT_PARTS,
-            num_warps=TILE_WARPS, num_stages=1)
-    _lightning_kernel[(batch.num_seqs, h, d // bv)](
+            num_warps=TILE_WARPS, num_stages=1, maxnreg=TILE_MAXNREG)
+    _lightning_kernel[(batch.num_seqs * h * (d // bv),)](
         *args, D=d, C=chunk_size, BV=bv, HAS_STATE=has_state, MODE=mode, PARTS=SPLIT_PARTS,
-        TILE=tile, TQ=tq, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        TILE=tile, TQ=tq, num_warps=NUM_WARPS, num_stages=NUM_STAGES, maxnreg=MAXNREG)
     if has_state:
         _pending_kernel[(batch.num_seqs, h)](
             k, v, pend_pool, sidx, batch.query_start_loc, batch.context_lens,
