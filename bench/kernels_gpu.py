@@ -556,13 +556,13 @@ def tune_lightning():
 
 
 LIGHTNING_VARIANTS = {
-    # prefill (full-window kernel): warps and register cap (tune5: 8 warps capped at 128, 2.8x
+    # prefill (full-window kernel): warps and register cap (ltune5: 8 warps capped at 128, 2.8x
     # slower from spills; no prefetch of the next window +1%, intra table per window +10%)
     "prefill": [dict(), dict(NUM_WARPS=8, MAXNREG=128)],
     # decode (tile kernel): V-columns a program, warps, register cap
     "decode": [dict(), dict(TILE_BV=128, TILE_WARPS=8, TILE_MAXNREG=None), dict(TILE_BV=64, TILE_WARPS=4, TILE_MAXNREG=168),
                dict(TILE_BV=64, TILE_WARPS=4, TILE_MAXNREG=None), dict(TILE_BV=32, TILE_WARPS=4, TILE_MAXNREG=128), dict()],
-    # BLOCK_V = 32 in the full-window kernel faults (illegal memory access; tune1, tune5): run apart
+    # BLOCK_V = 32 in the full-window kernel faults (illegal memory access; tune1, ltune5): run apart
     "prefill32": [dict(BLOCK_V=32)],
 }
 
