@@ -57,6 +57,11 @@ def _cuda_softmax_attention(q, k, v, batch: BatchMeta, kv_cache, scale):
         write_kv(kv_cache, k, v, batch.slot_mapping)
         length = int(seq_lens.max())
         k_all, v_all = gather_kv(kv_cache, batch.block_table, seq_lens, length)
+        # gather_kv leaves keys past a sequence's length as the pages hold them (the lockstep
+        # kernel selects scores with `where`); SDPA adds its mask to q·k, so garbage there
+        # (NaN in a fresh reference cache) would poison the row: zero those keys
+        past = torch.arange(length, device=q.device)[None, :] >= seq_lens[:, None]
+        k_all = k_all.masked_fill(past[:, None, :, None], 0.0)
         k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
     else:
         length = tq
