@@ -238,50 +238,22 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _spec(v):
-    """What Triton specialises a runtime argument on: dtype and 16-byte alignment of tensors,
-    ints equal to 1 / divisible by 16 / past int32, a descriptor's block and alignments."""
-    if isinstance(v, torch.Tensor):
-        return v.dtype, v.data_ptr() % 16 == 0
-    if isinstance(v, TensorDescriptor):
-        return (v.base.dtype, v.base.data_ptr() % 16 == 0, tuple(v.block_shape),
-                tuple(s % 16 == 0 for s in v.shape), tuple(s == 1 or s % 16 == 0 for s in v.strides))
-    return v == 1, v % 16 == 0, v >= 2 ** 31
-
-
-_COMPILED: dict = {}
 # Direct launches (past the JIT's Python binding) stay on until one fails or disagrees with the
 # JIT's launch; then every later call takes the JIT path ("reason" says why).
 _DIRECT = {"ok": True, "reason": ""}
 
 
 def _jit_launch(kernel, progs, args, consts, num_warps, num_stages):
+    """kernel[(progs,)](*args, *consts) through the JIT: the tuner's explicit configs, the TMA
+    kernel (M > 1024: host time far under device time), and a fast key's first sight. (A keyed
+    re-launch of the compiled kernel here measured no faster than this in tune7.)"""
     names = kernel.arg_names[len(args):]
     return kernel[(progs,)](*args, **dict(zip(names, consts)), num_warps=num_warps, num_stages=num_stages)
-
-
-def _launch(kernel, progs: int, args: tuple, consts: tuple, num_warps: int, num_stages: int, dev: int) -> None:
-    """kernel[(progs,)](*args, *consts) without the JIT's per-call argument binding, keyed on
-    everything the JIT specialises on (`_spec`): the path of the tuner's explicit configs and of
-    the TMA kernel (M > 1024, where host time is far under device time). `matmul_nt`'s default
-    pointer-load calls take the cheaper `_FAST` path."""
-    key = (kernel, consts, num_warps, num_stages, dev) + tuple(_spec(v) for v in args)
-    compiled = _COMPILED.get(key) if _DIRECT["ok"] else None
-    if compiled is None:
-        _COMPILED[key] = _jit_launch(kernel, progs, args, consts, num_warps, num_stages)
-        return
-    try:
-        compiled.run(progs, 1, 1, torch._C._cuda_getCurrentRawStream(dev), compiled.function,
-                     compiled.packed_metadata, None, None, None, *args, *consts)
-    except Exception as err:   # another Triton's launcher: the JIT path from now on
-        _disable_direct(f"_launch: {err!r}")
-        _jit_launch(kernel, progs, args, consts, num_warps, num_stages)
 
 
 def _disable_direct(reason: str) -> None:
     _DIRECT.update(ok=False, reason=reason[:300])
     _FAST.clear()
-    _COMPILED.clear()
 
 
 def _make_direct(compiled):
@@ -346,19 +318,19 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, config: 
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     cap = max(1, cfg.get("PROGS_PER_SM", 1) * num_sms(dev))
     progs = min(cap, tiles)
-    opts = (cfg["num_warps"], cfg["num_stages"], dev)
+    opts = (cfg["num_warps"], cfg["num_stages"])
     if cfg.get("TMA") and mode == MODE_BF16 and _tma_ok(a) and _tma_ok(b):
         a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [bm, bk])
         b_desc = TensorDescriptor(b, [n, k], [b.stride(0), 1], [bn, bk])
-        _launch(_gemm_kernel_tma, progs, (a_desc, b_desc, c, m, n, k, c.stride(0), c.stride(1), progs),
-                (bm, bn, bk, cfg["GROUP_M"]), *opts)
+        _jit_launch(_gemm_kernel_tma, progs, (a_desc, b_desc, c, m, n, k, c.stride(0), c.stride(1), progs),
+                    (bm, bn, bk, cfg["GROUP_M"]), *opts)
         return c
     args = (a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), progs)
     consts = (bm, bn, bk, cfg["GROUP_M"], mode)
     if config is not None or not _DIRECT["ok"] or c.stride() != (n, 1):
-        _launch(_gemm_kernel, progs, args, consts, *opts)
+        _jit_launch(_gemm_kernel, progs, args, consts, *opts)
         return c
-    compiled = _jit_launch(_gemm_kernel, progs, args, consts, cfg["num_warps"], cfg["num_stages"])
+    compiled = _jit_launch(_gemm_kernel, progs, args, consts, *opts)
     if torch.cuda.is_current_stream_capturing():
         return c   # no check possible while capturing: the JIT path until a call outside capture
     try:
