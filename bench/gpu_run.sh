@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The one command sent to the lent GPU machine (device tool `run`, carry [".whl"]):
-#   [PYTEST_K='pytest -k expr'] [MISMATCH_KERNELS=lockstep|stock] bash bench/gpu_run.sh [all|tests,mismatch,bench,cli] [bench --only list]
-# Installs the carried fla-core / liger-kernel wheels, then runs the GPU contract tests,
-# `lockstep mismatch` on the GPU, the kernel benchmark and the real CLI (`python3 -m rl.cli
-# mismatch --device cuda`, tiny config); logs and JSON go to $OUT.
+#   [PYTEST_K='pytest -k expr'] [MISMATCH_KERNELS=lockstep|stock] bash bench/gpu_run.sh [all|tests,mismatch,bench,cli,multigpu] [bench --only list]
+# Installs the carried wheels (fla-core / liger-kernel for the baselines; deepspeed and its
+# missing dependencies hjson, pydantic(-core), annotated-types, typing-inspection for
+# `multigpu`), then runs the GPU contract tests, `lockstep mismatch` on the GPU, the kernel
+# benchmark and the real CLI (`python3 -m rl.cli mismatch --device cuda`, tiny config); logs
+# and JSON go to $OUT. `multigpu` (not part of `all`; needs 2 GPUs: kind nvidia-h200-x2) runs
+# bench/multi_gpu.py [--parts list given as the second argument] [$MULTI_GPU_ARGS].
 # Tuning tables: `TUNE=rmsnorm,attention,gemm,lightning bash bench/gpu_run.sh bench tune`.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -32,5 +35,8 @@ fi
 if [[ $STAGE == all || ",$STAGE," == *",cli,"* ]]; then
   python3 -m rl.cli mismatch --model configs/model/tiny.json --backend reference --device cuda \
     --prompts 4 --max-new-tokens 24 --json "$OUT/cli_mismatch.json" 2>&1 | tee "$OUT/cli.log" || status=1
+fi
+if [[ ",$STAGE," == *",multigpu,"* ]]; then
+  python3 bench/multi_gpu.py --out "$OUT/multi_gpu.json" ${ONLY:+--parts $ONLY} ${MULTI_GPU_ARGS:-} 2>&1 | tee "$OUT/multi_gpu.log" || status=1
 fi
 exit $status

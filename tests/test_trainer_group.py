@@ -103,3 +103,36 @@ def test_ws2_bad_shard_raises_on_every_rank(group):
     metrics = group.train_step(batch)
     assert metrics["skipped_microbatches"] == 2 and metrics["skipped_steps"] == 0
     assert any(not torch.equal(v, before[k]) for k, v in group.get_weights().items())
+
+
+def test_process_launcher_matches_ws1_and_fails_loudly():
+    """`launcher="process"` (hosts without Ray: bench/multi_gpu.py on the GPU machines) runs the
+    same TrainerWorker ranks as local processes: world size 2 = world size 1 bit for bit, a rank's
+    error reaches the caller after both ranks have answered, and a dead rank process is named."""
+    from trainer.ranks import RankFailed
+    from bits import assert_bits_equal
+
+    single = TrainerGroup("actor", str(TINY), CFG, ALGO, world_size=1, launcher="process")
+    pair = TrainerGroup("actor", str(TINY), CFG, ALGO, world_size=2, launcher="process")
+    try:
+        batch = random_batch(128, 8, 20, seed=3)
+        logprobs = single.forward_logprobs(batch)
+        assert_bits_equal(pair.forward_logprobs(batch), logprobs, "ws2 vs ws1 logprobs")
+        batch["old_logprobs"] = logprobs
+        assert pair.train_step(batch)["loss"] == single.train_step(batch)["loss"]
+        w1, w2 = single.get_weights(), pair.get_weights()
+        assert w1.keys() == w2.keys()
+        for name in w1:
+            assert_bits_equal(w2[name], w1[name], f"weights {name} after a step")
+        bad = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        bad["advantages"][6, 12] = float("nan")          # only rank 1's shard is bad
+        bad["response_mask"][6, 12] = 1.0
+        with pytest.raises(RankFailed, match="advantages holds 1 non-finite"):
+            pair.train_step(bad)
+        assert_bits_equal(pair.forward_logprobs(batch), single.forward_logprobs(batch), "after the error")
+        single.ranks.procs[0].kill()
+        with pytest.raises(RankFailed, match="rank 0 process died"):
+            single.forward_logprobs(batch)
+    finally:
+        single.shutdown()
+        pair.shutdown()

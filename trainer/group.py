@@ -1,9 +1,10 @@
-"""`TrainerGroup`: `world_size` `TrainerWorker` Ray actors of one role, driven as one trainer.
+"""`TrainerGroup`: `world_size` `TrainerWorker`s of one role, driven as one trainer.
 
 Role: the RL driver (and `lockstep sft` with world_size > 1) talks to a group, never to
-single ranks. The group picks a rendezvous address, starts one actor per rank (each joins
-the torch.distributed group: gloo on CPU, nccl on GPU), shards batches by rows, fans calls
-out and gathers the results.
+single ranks. The group picks a rendezvous address, starts one Ray actor per rank (or one
+local process per rank where Ray is absent: trainer/ranks.py), each joining the
+torch.distributed group (gloo on CPU, nccl on GPU), shards batches by rows, fans calls out
+and gathers the results.
 
 Row sharding for `train_step`: the global batch is cut into `algo.num_minibatches` contiguous
 mini-batches and each mini-batch into `world_size` contiguous pieces; rank r receives its piece
@@ -21,7 +22,7 @@ import torch
 
 from trainer.batch import as_batch, num_rows, take_rows
 from trainer.config import TrainerConfig
-from trainer.worker import TrainerWorker
+from trainer.ranks import ProcessRanks, RayRanks
 
 
 def free_port() -> int:
@@ -58,32 +59,32 @@ class TrainerGroup:
     def __init__(self, role: str, model_path: str, trainer_cfg: TrainerConfig | dict | None = None,
                  algo_cfg=None, world_size: int = 1, num_cpus_per_worker: float = 1,
                  num_gpus_per_worker: float = 0, master_addr: str | None = None,
-                 master_port: int | None = None):
-        import ray
-
-        if not ray.is_initialized():
-            ray.init()
+                 master_port: int | None = None, launcher: str = "ray"):
+        """`launcher`: "ray" (one Ray actor per rank) or "process" (local processes, for a host
+        without Ray; see trainer/ranks.py)."""
+        if launcher not in ("ray", "process"):
+            raise ValueError(f"launcher: {launcher!r} is not 'ray' or 'process'")
         self.role, self.world_size = role, world_size
         self.trainer_cfg = TrainerConfig.coerce(trainer_cfg)
         algo = algo_cfg.model_dump() if hasattr(algo_cfg, "model_dump") else algo_cfg
         from rl.algos import AlgoConfig
         self.algo = AlgoConfig.model_validate(algo or {})
-        addr = master_addr or ray.util.get_node_ip_address()
+        if launcher == "ray":
+            import ray
+            if not ray.is_initialized():
+                ray.init()
+            addr = master_addr or ray.util.get_node_ip_address()
+        else:
+            addr = master_addr or "127.0.0.1"
         port = master_port or free_port()
-        actor_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(TrainerWorker)
-        self.workers = [actor_cls.remote(role, str(model_path), self.trainer_cfg.model_dump(), algo,
-                                         rank, world_size, addr, port)
-                        for rank in range(world_size)]
-        self._get([w.ready.remote() for w in self.workers])
-
-    @staticmethod
-    def _get(refs):
-        import ray
-        return ray.get(refs)
+        ctor_args = [(role, str(model_path), self.trainer_cfg.model_dump(), algo, rank, world_size, addr, port)
+                     for rank in range(world_size)]
+        self.ranks = (RayRanks(ctor_args, num_cpus_per_worker, num_gpus_per_worker) if launcher == "ray"
+                      else ProcessRanks(ctor_args))
 
     def run(self, method: str, *args, **kwargs) -> list:
         """Call `method` on every rank with the same arguments; results in rank order."""
-        return self._get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+        return self.ranks.call(method, [(args, kwargs)] * self.world_size)
 
     # -- the worker API, over the whole group ----------------------------------------------
     def forward_logprobs(self, batch: dict) -> torch.Tensor:
@@ -95,8 +96,7 @@ class TrainerGroup:
     def _forward(self, method: str, batch: dict) -> torch.Tensor:
         batch = as_batch(batch)
         shards = split_even(num_rows(batch), self.world_size)
-        outs = self._get([getattr(w, method).remote(take_rows(batch, s))
-                          for w, s in zip(self.workers, shards)])
+        outs = self.ranks.call(method, [((take_rows(batch, s),), {}) for s in shards])
         return torch.cat(outs, 0)
 
     def train_step(self, batch: dict) -> dict:
@@ -108,8 +108,7 @@ class TrainerGroup:
     def _train(self, method: str, batch: dict, num_minibatches: int) -> dict:
         batch = as_batch(batch)
         shards = train_shards(num_rows(batch), self.world_size, num_minibatches)
-        results = self._get([getattr(w, method).remote(take_rows(batch, rows))
-                             for w, rows in zip(self.workers, shards)])
+        results = self.ranks.call(method, [((take_rows(batch, rows),), {}) for rows in shards])
         merged = dict(results[0])           # scalar metrics are all-reduced: rank 0 speaks for all
         for key, value in results[0].items():
             if isinstance(value, torch.Tensor) and key.startswith("pre_update_"):
@@ -129,7 +128,4 @@ class TrainerGroup:
         return self.run("load", str(path))[0]
 
     def shutdown(self) -> None:
-        import ray
-        for w in self.workers:
-            ray.kill(w)
-        self.workers = []
+        self.ranks.close()

@@ -299,6 +299,15 @@ class TrainerWorker:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def memory_stats(self) -> dict:
+        """Memory of this rank: on CUDA the allocator's peak allocated / reserved bytes on its GPU
+        since the process started; on CPU the process's resident set now."""
+        if self.device.type == "cuda":
+            return {"device": str(self.device), "max_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
+                    "max_reserved_bytes": torch.cuda.max_memory_reserved(self.device)}
+        import psutil
+        return {"device": "cpu", "rss_bytes": psutil.Process().memory_info().rss}
+
     def ready(self) -> int:
         """For `TrainerGroup`: returns once construction (and the rendezvous) has finished."""
         return self.rank
