@@ -87,10 +87,22 @@ def train_curve(group: TrainerGroup, vocab: int, args) -> list[dict]:
     return curve
 
 
+def compare_training(one: list[dict], two: list[dict], w_one: dict, w_two: dict) -> dict:
+    """World size 2 against 1 at one ZeRO stage: loss per step and weights after the steps."""
+    return {"loss_ws1": [c["loss"] for c in one], "loss_ws2": [c["loss"] for c in two],
+            "loss_bit_equal": [a["loss"] == b["loss"] for a, b in zip(one, two)],
+            "grad_norm_ws1": [c["grad_norm"] for c in one], "grad_norm_ws2": [c["grad_norm"] for c in two],
+            "skipped_steps_ws2": sum(c["skipped_steps"] for c in two),
+            "step_seconds_ws1": [round(c["seconds"], 3) for c in one],
+            "step_seconds_ws2": [round(c["seconds"], 3) for c in two],
+            "weights_ws2_vs_ws1": weights_difference(w_two, w_one)}
+
+
 def part_forward(args, model: Path, vocab: int) -> dict:
     batch = random_batch(vocab, args.rows, args.max_len, seed=9)
-    runs, reference, curves, weights = [], None, {}, {}
-    for zero in (2, 3):
+    runs, reference, curves, training = [], None, {}, {}
+    for zero in args.zero_stages:
+        weights = {}
         for world_size in args.world_sizes:
             for forward_rows in (1, args.micro_batch):
                 name = f"zero{zero}_ws{world_size}_fmb{forward_rows}"
@@ -104,37 +116,25 @@ def part_forward(args, model: Path, vocab: int) -> dict:
                     run = {"name": name, "vs": reference[0], "difference": first_difference(logprobs, reference[1])}
                     if forward_rows == args.micro_batch:
                         curves[(zero, world_size)] = train_curve(group, vocab, args)
-                        weights[(zero, world_size)] = group.get_weights()
+                        weights[world_size] = group.get_weights()
                         run["memory"] = group.run("memory_stats")
                 finally:
                     group.shutdown()
                 run["seconds"] = round(time.perf_counter() - start, 1)
                 print(json.dumps(run), flush=True)
                 runs.append(run)
-    result = {"batch": {"rows": args.rows, "lengths": batch["lengths"].tolist()},
-              "forward": runs, "forward_all_bit_equal": all(r["difference"] is None for r in runs)}
-    if 2 not in args.world_sizes or 1 not in args.world_sizes:     # nothing to compare
-        result["training"] = {f"zero{z}_ws{w}": curves[(z, w)] for z, w in curves}
-        result["training_all_bit_equal"] = True
-        return result
-    training = {}
-    for zero in (2, 3):
-        one, two = curves[(zero, 1)], curves[(zero, 2)]
-        training[f"zero{zero}"] = {
-            "loss_ws1": [c["loss"] for c in one], "loss_ws2": [c["loss"] for c in two],
-            "loss_bit_equal": [a["loss"] == b["loss"] for a, b in zip(one, two)],
-            "grad_norm_ws1": [c["grad_norm"] for c in one], "grad_norm_ws2": [c["grad_norm"] for c in two],
-            "skipped_steps_ws2": sum(c["skipped_steps"] for c in two),
-            "step_seconds_ws1": [round(c["seconds"], 3) for c in one],
-            "step_seconds_ws2": [round(c["seconds"], 3) for c in two],
-            "weights_ws2_vs_ws1": weights_difference(weights[(zero, 2)], weights[(zero, 1)]),
-        }
-    training["zero3_vs_zero2_loss_bit_equal"] = [a["loss"] == b["loss"] for a, b in
-                                                 zip(curves[(3, 2)], curves[(2, 2)])]
-    result["training"] = training
-    result["training_all_bit_equal"] = all(all(training[f"zero{z}"]["loss_bit_equal"])
-                                           and not training[f"zero{z}"]["weights_ws2_vs_ws1"] for z in (2, 3))
-    return result
+        if {1, 2} <= set(args.world_sizes):
+            training[f"zero{zero}"] = compare_training(curves[(zero, 1)], curves[(zero, 2)], weights[1], weights[2])
+            print(json.dumps({f"zero{zero}": training[f"zero{zero}"]}), flush=True)
+        else:                                               # a one-GPU dry run: nothing to compare
+            training.update({f"zero{zero}_ws{w}": curves[(zero, w)] for w in args.world_sizes})
+    if {(2, 2), (3, 2)} <= set(curves):
+        training["zero3_vs_zero2_loss_bit_equal"] = [a["loss"] == b["loss"] for a, b in zip(curves[(3, 2)], curves[(2, 2)])]
+    compared = [v for k, v in training.items() if k in ("zero2", "zero3")]
+    return {"batch": {"rows": args.rows, "lengths": batch["lengths"].tolist()},
+            "forward": runs, "forward_all_bit_equal": all(r["difference"] is None for r in runs),
+            "training": training,
+            "training_all_bit_equal": all(all(t["loss_bit_equal"]) and not t["weights_ws2_vs_ws1"] for t in compared)}
 
 
 def part_slice(args, workdir: Path) -> dict:
@@ -181,6 +181,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--world-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
                         help="world sizes of the forward part (1 alone: a one-GPU dry run, nothing to compare)")
+    parser.add_argument("--zero-stages", type=lambda v: [int(x) for x in v.split(",")], default=[2, 3])
     parser.add_argument("--world-size", type=int, default=2, help="ranks of the slice part")
     parser.add_argument("--slice-base", type=Path, default=ROOT / "configs" / "model" / "ring-mini-linear-2.0.json",
                         help="model config the slice keeps one layer group of")
