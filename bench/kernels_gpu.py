@@ -800,7 +800,7 @@ def gemm_host_time(calls=2000):
             def jit(x=x, w=w, cfg=cfg, progs=progs, m=m, n=n, k=k):   # the JIT's own launch (before 4670913)
                 c = torch.empty(m, n, device=DEV, dtype=BF16)
                 MM._jit_launch(MM._gemm_kernel, progs, (x, w, c, m, n, k, x.stride(0), 1, w.stride(0), 1, n, 1, progs),
-                               (cfg["BLOCK_M"], cfg["BLOCK_N"], 64, 8, 0), cfg["num_warps"], cfg["num_stages"])
+                               (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], 8, 0), cfg["num_warps"], cfg["num_stages"])
                 return c
             paths = {"new linear": lambda x=x: T.linear(x, w),
                      "new matmul_nt": lambda x=x: MM.matmul_nt(x, w, BF16),
@@ -903,6 +903,39 @@ _SHORT_B1 = [(64, 16, 4, 6, 3), (32, 16, 2, 8, 3), (64, 32, 4, 6, 2)]
 _SHORT_B2 = [(64, 32, 4, 6, 3), (128, 64, 4, 4, 2), (128, 32, 4, 6, 2), (64, 64, 4, 4, 3)]
 TUNE7_SHORTLIST = {0: [(16, 16, 2, 8, 3), (16, 16, 1, 8, 3), (16, 32, 4, 8, 2), (16, 64, 4, 8, 1)],
                    1: _SHORT_B1, 2: _SHORT_B1, 3: _SHORT_B2, 4: _SHORT_B2}
+
+
+def tune_gemmbk():
+    """Wider K blocks for the decode-size tiles: does BLOCK_K 128 / 256 (fewer, longer steps of
+    the same ascending k16 chain) give the shipped BLOCK_K 64 tiles' bits, and is it faster?
+    Current bucket-0 and bucket-1 tiles, rows 0:300 / 0:1 / 100:117, bf16 and fp32 out, then
+    CUDA-graph replay at M = 1 / 8 / 32 beside cuBLAS."""
+    from rl.kernels.triton import matmul as MM
+    table = []
+    for n, k in ((2048, 2048), (6144, 2048)):
+        xs = torch.randn(300, k, device=DEV).to(BF16)
+        w = (torch.randn(n, k, device=DEV) * k ** -0.5).to(BF16)
+        refs = {dt: T.linear(xs, w, dt) for dt in (BF16, torch.float32)}
+        for bucket, ms in ((0, (1, 8)), (1, (32,))):
+            cub = {m: bench_ms(_graph_of(lambda m=m: torch.mm(xs[:m], w.t())).replay, 30) for m in ms}
+            for bk in (64, 128, 256):
+                cfg = dict(MM._bf16_tile(bucket, n >= 4096, k), BLOCK_K=bk)
+                for stages in sorted({cfg["num_stages"], max(2, cfg["num_stages"] * 64 // bk)}):
+                    row = {"n": n, "k": k, "bucket": bucket, "BLOCK_K": bk, "num_stages": stages}
+                    c = dict(cfg, num_stages=stages)
+                    try:
+                        fails = [f"{dt} rows {r.start}:{r.stop}: {equal(MM.matmul_nt(xs[r], w, dt, c), ref[r])[1]}"
+                                 for dt, ref in refs.items() for r in (slice(0, 300), slice(0, 1), slice(100, 117))
+                                 if not equal(MM.matmul_nt(xs[r], w, dt, c), ref[r])[0]]
+                        row["bitwise"] = "pass" if not fails else "FAIL " + "; ".join(fails)[:300]
+                        row["ratio"] = {m: bench_ms(_graph_of(lambda m=m, c=c: MM.matmul_nt(xs[:m], w, BF16, c)).replay, 30)
+                                        / cub[m] for m in ms}
+                    except Exception as err:
+                        row["error"] = repr(err)[:300]
+                    table.append(row)
+                    print("gemmbk", row, flush=True)
+    RESULTS.append({"name": "tune gemm BLOCK_K for decode tiles (graph replay ratio vs cuBLAS)", "result": table})
+    flush()
 
 
 def tune_all():

@@ -1,16 +1,20 @@
 """Batch-invariant GEMM on the GPU: persistent Triton kernels, one reduction per (N, K, dtypes).
 
 `linear(x [..., K], weight [N, K])` computes y = x Wᵀ with fp32 accumulation. Every output
-element is reduced over K the same way in every call: BLOCK_K-wide K blocks in ascending
-order, each a fixed sequence of k16 tensor-core steps into one fp32 accumulator, no split-K.
-BLOCK_K and the precision mode depend only on (N, K, dtypes) (`gemm_config`).
+element is reduced over K the same way in every call: k16 tensor-core steps in ascending K
+order into one fp32 accumulator, no split-K. The precision mode depends only on (N, K, dtypes)
+(`gemm_config`).
 
 What varies with M (bf16 x bf16 only; `tile_config`, buckets `M_BUCKETS`): the output tile
-(BLOCK_M, BLOCK_N), warps, pipeline depth, programs per SM and how operands reach shared
-memory (pointer loads, or TMA descriptors for M > 1024). Small M gets small tiles so that the
+(BLOCK_M, BLOCK_N), warps, pipeline depth, programs per SM, how operands reach shared
+memory (pointer loads, or TMA descriptors for M > 1024) and BLOCK_K, how many of the k16
+steps one loop iteration issues (64, or 128 for the decode-size tiles of `SMALL_BLOCK_K`
+when K is a multiple of 128, so no extra zero-padded steps). Small M gets small tiles so that the
 weight is streamed by many SMs (decode), large M the 128x256 tiles. Why a row's bits do not
 change: an output element is acc = 0, then for each K block in order, for each k16 step in
-order, acc = mma(a[row, k16], b[k16, col], acc). The tile shape only decides which elements
+order, acc = mma(a[row, k16], b[k16, col], acc) — the same chain of steps whether they come
+64 or 128 K columns a loop iteration (tune gemmbk: BLOCK_K 128 and 256 gave BLOCK_K 64's bits
+in every checked row). The tile shape only decides which elements
 a program holds and which instruction issues the step (mma.sync m16n8k16 for BLOCK_M < 64,
 wgmma for BLOCK_M >= 64); the step's inputs and the sequence of steps per element are the
 same, and on the H200 both instructions give the same bits (tests/gpu: every bucket, every
@@ -169,7 +173,8 @@ def precision_mode(a_dtype: torch.dtype, b_dtype: torch.dtype) -> int:
 
 def gemm_config(n: int, k: int, mode: int) -> dict:
     """The reduction for (N, K, precision mode): BLOCK_K (and, for the fp32 modes, the whole
-    tile, which they keep for every M). Deliberately independent of M."""
+    tile, which they keep for every M). Deliberately independent of M (bf16: the decode-size
+    tiles may issue the same k16 chain 128 columns an iteration, `SMALL_BLOCK_K`)."""
     if mode == MODE_IEEE:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
     if mode in (MODE_SPLIT_A, MODE_SPLIT_B):
@@ -211,6 +216,11 @@ SMALL_TILES = {(0, True): (16, 64, 4, 8, 1),     # M = 1 / 8 / 16: 1.12 / 1.03 /
                (3, False): (64, 32, 4, 6, 3),    # 1.13
                (4, True): (64, 64, 4, 4, 3),     # M = 256: 1.26
                (4, False): (64, 64, 4, 6, 2)}    # 1.18
+# K block of a small tile where it is not 64 (same k16 chain, fewer loop iterations); H200
+# graph ratios vs cuBLAS at BLOCK_K 64 -> 128 (kernels_gpu_h200_gemmbk.json, one run):
+SMALL_BLOCK_K = {(0, True): 128,    # qkv M = 1 / 8: 1.105 / 1.026 -> 1.025 / 1.007
+                 (0, False): 128,   # dense M = 1 / 8: 1.214 / 1.209 -> 1.122 / 1.098
+                 (1, False): 128}   # dense M = 32: 1.133 -> 1.056
 
 
 @functools.lru_cache(maxsize=None)
@@ -219,11 +229,14 @@ def _bf16_tile(bucket: int, wide_n: bool, k: int) -> dict:
     if bucket < _SMALL_BUCKETS:
         bm, bn, warps, stages, per_sm = SMALL_TILES[(bucket, wide_n)]
         tile = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, PROGS_PER_SM=per_sm)
+        block_k = SMALL_BLOCK_K.get((bucket, wide_n), red["BLOCK_K"])
+        if k % block_k == 0:
+            tile["BLOCK_K"] = block_k
     elif bucket == _SMALL_BUCKETS:
         tile = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4)
     else:
         tile = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3, TMA=True)
-    return dict(GROUP_M=8, **red, **tile)
+    return {"GROUP_M": 8, **red, **tile}
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
