@@ -154,7 +154,7 @@ def part_slice(args, workdir: Path) -> dict:
         steps = []
         for step in range(args.slice_steps):
             batch = random_batch(data["vocab_size"], args.slice_rows, args.slice_len, seed=200 + step,
-                                 min_prompt=16, max_prompt=64)
+                                 min_prompt=min(16, args.slice_len // 8), max_prompt=min(64, args.slice_len // 4))
             batch["old_logprobs"] = group.forward_logprobs(batch)
             t0 = time.perf_counter()
             metrics = group.train_step(batch)
