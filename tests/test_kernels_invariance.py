@@ -87,6 +87,21 @@ def test_rope_batch_invariant():
     rows_invariant(lambda t: K.rope(t[:, :-1].reshape(-1, 4, 32).bfloat16(), t[:, -1].long(), 16, 1e4), packed, "rope")
 
 
+def test_rope_tables_reused_only_for_equal_positions():
+    """rope keeps the last call's tables: reused for equal positions (same bits), rebuilt when
+    the positions differ, also after an in-place change of the same tensor (inference mode:
+    no version counter)."""
+    x = torch.randn(64, 4, 32).bfloat16()
+    with torch.inference_mode():
+        pos = torch.arange(64)
+        first = K.rope(x, pos, 16, 1e4)
+        assert_bits_equal(K.rope(x, pos, 16, 1e4), first, "reused tables")
+        pos.add_(3)
+        assert_bits_equal(K.rope(x, pos, 16, 1e4), K.rope(x, torch.arange(3, 67), 16, 1e4), "changed in place")
+        assert not torch.equal(K.rope(x, pos, 16, 1e4), first)
+        assert_bits_equal(K.rope(x, torch.arange(64), 8, 1e4)[..., 8:16], x[..., 8:16], "other rotary_dim")
+
+
 @pytest.mark.parametrize("op", ["sigmoid", "silu"])
 def test_activations_position_invariant(op):
     """ATen's own sigmoid/silu are not (scalar tail path); ours are built from exp."""
