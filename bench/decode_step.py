@@ -43,12 +43,11 @@ def main() -> int:
     from bench.rollout import make_prompts
     from rl import kernels as K
     from rl.model.checkpoint import load_model
-    from rl.model.layers import Linear
     import rollout.reference as reference
 
     torch.manual_seed(0)
     model = load_model(ROOT / "configs" / "model" / f"{args.model}.json").eval().requires_grad_(False)
-    K.prepack(m.weight for m in model.modules() if isinstance(m, Linear) and m is not model.lm_head)
+    model.prepack_for_inference()
     num_prompts, new_tokens = WORKLOAD[args.model]
     prompts = make_prompts(num_prompts, model.config.vocab_size)
 

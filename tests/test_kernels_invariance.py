@@ -158,6 +158,12 @@ def test_moe_experts_stacked_paths_equal_trainer_path(num_experts, inter, hidden
     uw = [torch.randn(inter, hidden).bfloat16() for _ in range(num_experts)]
     dw = [torch.randn(hidden, inter).bfloat16() for _ in range(num_experts)]
     K.prepack(gw + uw + dw)
+    with torch.no_grad():                   # a trainer's no-grad forward keeps no stacked copy
+        K.moe_experts(torch.randn(4, hidden).bfloat16(), torch.arange(4 * k).view(4, k) % num_experts,
+                      torch.rand(4, k), gw, uw, dw)
+    assert moe._dense_choice(torch.zeros(4, hidden).bfloat16(), torch.arange(4 * k) % num_experts,
+                             gw, uw, dw) == (False, False)
+    assert K.prepack_experts(gw, uw, dw) == 1
     threads = torch.get_num_threads()
     combos = [(True, True), (True, False), (False, True)]
     try:
@@ -178,10 +184,15 @@ def test_moe_experts_stacked_paths_equal_trainer_path(num_experts, inter, hidden
                 assert_bits_equal(rollout, trainer.detach(), f"moe experts n={n} threads={num_threads}")
         with torch.no_grad():
             for w in (gw[3], uw[3], dw[3]):
-                w.mul_(2.0)                    # a weight update in place
+                w.mul_(2.0)                    # a weight update in place: the stale stack is unused
                 x = torch.randn(4, hidden).bfloat16()
                 ids = torch.cat([torch.full((4, 1), 3), torch.arange(4, 4 + k - 1).expand(4, -1)], 1)
                 expected = moe._per_expert_gathers(x, ids.reshape(-1), k, gw, uw, dw)
+                assert (moe._stacked_down(dw) if w is dw[3] else moe._stacked_gate_up(gw, uw)) is None
+                assert_bits_equal(K.moe_experts(x, ids, torch.ones(4, k), gw, uw, dw),
+                                  K.moe_experts(x.clone().requires_grad_(), ids, torch.ones(4, k), gw, uw, dw).detach(),
+                                  "stale stack")
+                K.prepack_experts(gw, uw, dw)  # what the rollout engine does after a load
                 for dense in combos:
                     assert_bits_equal(moe._stacked_experts(x, ids.reshape(-1), k, gw, uw, dw, *dense),
                                       expected, f"after update {dense}")
@@ -197,9 +208,11 @@ def test_moe_dense_choice_at_model_decode_shapes():
     for (e, inter, hidden, k, n), expected in (((8, 64, 128, 2, 64), (True, True)),
                                                ((16, 512, 1024, 4, 16), (True, False))):
         gw = [torch.zeros(inter, hidden).bfloat16() for _ in range(e)]
+        uw = [torch.zeros(inter, hidden).bfloat16() for _ in range(e)]
         dw = [torch.zeros(hidden, inter).bfloat16() for _ in range(e)]
         ids = torch.arange(n * k) % e
-        assert moe._dense_choice(torch.zeros(n, hidden).bfloat16(), ids, gw, dw) == expected
+        K.prepack_experts(gw, uw, dw)
+        assert moe._dense_choice(torch.zeros(n, hidden).bfloat16(), ids, gw, uw, dw) == expected
 
 
 def test_moe_route_ties_go_to_lower_index():

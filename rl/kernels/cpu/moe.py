@@ -7,8 +7,9 @@ lower index. Experts: each expert's SwiGLU runs its tokens through the invariant
 expert outputs are summed in fp32 in ascending expert order. The rows reach the experts by
 one gather per expert under autograd (trainer) or by one sorted gather without it (rollout):
 the same forward bits (tested), two ways of summing x's gradient (see `_per_expert_gathers`).
-Without autograd and where it is cheaper (decode batches, see `_dense_choice`), the gate/up
-and/or the down products run once over all experts' weights stacked (`_stacked_experts`): a
+Without autograd, where the rollout engine asked for stacked copies (`prepack_experts`) and it
+is cheaper (decode batches, see `_dense_choice`), the gate/up and/or the down products run once
+over all experts' weights stacked (`_stacked_experts`): a
 product's output element does not depend on how many weight rows share the call (tested at
 the model shapes), so the selected columns carry the per-expert bits in one oneDNN call
 instead of one or two per expert.
@@ -105,13 +106,18 @@ def _one_sorted_gather(x, flat_ids, k, gate_w, up_w, down_w):
     return outputs
 
 
-def _stacked(parts: list[torch.Tensor], key: str, holder: torch.Tensor, stack) -> torch.Tensor:
-    """stack(parts), packed; kept on `holder` (an expert's weight) while the parts are these
-    same tensors at the same versions (a weight update in place re-stacks)."""
+def _stacked(parts: list[torch.Tensor], key: str, holder: torch.Tensor, stack=None) -> torch.Tensor | None:
+    """The packed stack(parts) kept on `holder` (an expert's weight) by `prepack_experts`, while
+    the parts are these same tensors at the same versions; None when there is none or it is
+    stale. With `stack`, (re)builds it. Never built lazily inside a forward: a trainer's no-grad
+    forward must not keep copies (DeepSpeed changes weights through `.data`, which no version
+    counter sees), so only the rollout, which rebuilds after every weight load, opts in."""
     versions = tuple(w._version for w in parts)
     entry = getattr(holder, key, None)
-    if entry is not None and entry[1] == versions and all(a is b for a, b in zip(entry[0], parts)):
-        return entry[2]
+    if stack is None:
+        if entry is not None and entry[1] == versions and all(a is b for a, b in zip(entry[0], parts)):
+            return entry[2]
+        return None
     with torch.inference_mode(False):   # vLLM runs in inference mode; the pack check needs
         stacked = stack()               # the version counter an inference tensor lacks
     prepack([stacked])
@@ -119,16 +125,38 @@ def _stacked(parts: list[torch.Tensor], key: str, holder: torch.Tensor, stack) -
     return stacked
 
 
-def _stacked_gate_up(gate_w, up_w) -> torch.Tensor:
+def _stacked_gate_up(gate_w, up_w, build: bool = False) -> torch.Tensor | None:
     """[E*2*I, Hd]: expert e's gate rows, then its up rows, for e = 0, 1, ..."""
-    return _stacked([*gate_w, *up_w], _STACK_ATTR + "_gate_up", gate_w[0], lambda: torch.stack(
-        [torch.stack([g, u]) for g, u in zip(gate_w, up_w)]).reshape(-1, gate_w[0].shape[1]))
+    def stack():
+        return torch.stack([torch.stack([g, u]) for g, u in zip(gate_w, up_w)]).reshape(-1, gate_w[0].shape[1])
+    return _stacked([*gate_w, *up_w], _STACK_ATTR + "_gate_up", gate_w[0], stack if build else None)
 
 
-def _stacked_down(down_w) -> torch.Tensor:
+def _stacked_down(down_w, build: bool = False) -> torch.Tensor | None:
     """[E*Hd, I]: the experts' down weights one after the other."""
-    return _stacked(list(down_w), _STACK_ATTR + "_down", down_w[0],
-                    lambda: torch.stack(list(down_w)).reshape(-1, down_w[0].shape[1]))
+    def stack():
+        return torch.stack(list(down_w)).reshape(-1, down_w[0].shape[1])
+    return _stacked(list(down_w), _STACK_ATTR + "_down", down_w[0], stack if build else None)
+
+
+def _stackable(gate_w) -> bool:
+    if not isinstance(gate_w, (list, tuple)) or gate_w[0].dtype != torch.bfloat16 or gate_w[0].device.type != "cpu":
+        return False
+    e, (inter, hidden) = len(gate_w), gate_w[0].shape
+    return 3 * e * inter * hidden * 2 <= STACK_MAX_BYTES
+
+
+def prepack_experts(gate_w, up_w, down_w) -> int:
+    """Inference only (the rollout engine, after every weight load): keep stacked, packed copies
+    of one MoE layer's expert weights so that `moe_experts` without autograd may run a product
+    over all experts at once where that is cheaper (same bits). Layers over STACK_MAX_BYTES,
+    non-bf16 weights: nothing. Returns 1 if stacked, else 0. A later in-place change of any
+    expert weight makes the copy unused until the next call."""
+    if not _stackable(gate_w):
+        return 0
+    _stacked_gate_up(gate_w, up_w, build=True)
+    _stacked_down(down_w, build=True)
+    return 1
 
 
 def _calls_cost(rows: int, n: int, k: int) -> int:
@@ -139,20 +167,22 @@ def _calls_cost(rows: int, n: int, k: int) -> int:
     return tiles * (CALL_COST_BYTES + 2 * n * k)
 
 
-def _dense_choice(x, flat_ids, gate_w, down_w) -> tuple[bool, bool]:
-    """(gate/up over all experts' stacked weights?, down likewise?): each where it costs fewer
-    bytes-equivalents than the per-expert products of the sorted path. Only for per-module
-    lists of bf16 weights (what the model passes) and layers whose stack is small enough."""
-    if not isinstance(gate_w, (list, tuple)) or x.dtype != torch.bfloat16 or gate_w[0].dtype != torch.bfloat16:
+def _dense_choice(x, flat_ids, gate_w, up_w, down_w) -> tuple[bool, bool]:
+    """(gate/up over all experts' stacked weights?, down likewise?): each where `prepack_experts`
+    left a current stack and it costs fewer bytes-equivalents than the per-expert products of
+    the sorted path."""
+    if x.dtype != torch.bfloat16 or not _stackable(gate_w):
+        return False, False
+    has_gate_up = _stacked_gate_up(gate_w, up_w) is not None
+    has_down = _stacked_down(down_w) is not None
+    if not (has_gate_up or has_down):
         return False, False
     e, (inter, hidden) = len(gate_w), gate_w[0].shape
-    if 3 * e * inter * hidden * 2 > STACK_MAX_BYTES:
-        return False, False
     counts = [c for c in torch.bincount(flat_ids, minlength=e).tolist() if c]
     sorted_gate_up = sum(2 * _calls_cost(c, inter, hidden) for c in counts)
     sorted_down = sum(_calls_cost(c, hidden, inter) for c in counts)
-    return (_calls_cost(x.shape[0], e * 2 * inter, hidden) < sorted_gate_up,
-            _calls_cost(flat_ids.numel(), e * hidden, inter) < sorted_down)
+    return (has_gate_up and _calls_cost(x.shape[0], e * 2 * inter, hidden) < sorted_gate_up,
+            has_down and _calls_cost(flat_ids.numel(), e * hidden, inter) < sorted_down)
 
 
 def _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up: bool, dense_down: bool):
@@ -202,7 +232,7 @@ def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
     if torch.is_grad_enabled() and x.requires_grad:
         outputs = _per_expert_gathers(x, flat_ids, k, gate_w, up_w, down_w)
     else:
-        dense_gate_up, dense_down = _dense_choice(x, flat_ids, gate_w, down_w)
+        dense_gate_up, dense_down = _dense_choice(x, flat_ids, gate_w, up_w, down_w)
         if dense_gate_up or dense_down:
             outputs = _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up, dense_down)
         else:
