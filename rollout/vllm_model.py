@@ -36,7 +36,6 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from rl import kernels as K
 from rl.kernels import BatchMeta
 from rl.model.config import BailingMoeLinearV2Config
-from rl.model.layers import Linear
 from rl.model.modeling import BailingMoeLinearV2ForCausalLM
 
 # hf_config attributes the RolloutWorker sets through vLLM's `hf_overrides`
@@ -212,11 +211,9 @@ class LockstepBailingForCausalLM(nn.Module, HasInnerState, IsHybrid):
         return {f"lm.{n}" for n in loaded}
 
     def prepack(self) -> int:
-        """Projection and expert weights into the kernels' packed layout (same bits; cpu:
-        oneDNN stops re-ordering each weight on every call). Redone after every load; a pack
-        of a weight changed since is ignored by the kernel."""
-        return K.prepack(m.weight for m in self.lm.modules()
-                         if isinstance(m, Linear) and m is not self.lm.lm_head)
+        """Weights into the kernels' packed / stacked layouts (`prepack_for_inference`; same
+        bits). Redone after every load."""
+        return self.lm.prepack_for_inference()
 
     # -- hybrid-state declarations (vLLM sizes pages and copies states from these) ------------
     @classmethod

@@ -87,6 +87,21 @@ def test_rope_batch_invariant():
     rows_invariant(lambda t: K.rope(t[:, :-1].reshape(-1, 4, 32).bfloat16(), t[:, -1].long(), 16, 1e4), packed, "rope")
 
 
+def test_rope_tables_reused_only_for_equal_positions():
+    """rope keeps the last call's tables: reused for equal positions (same bits), rebuilt when
+    the positions differ, also after an in-place change of the same tensor (inference mode:
+    no version counter)."""
+    x = torch.randn(64, 4, 32).bfloat16()
+    with torch.inference_mode():
+        pos = torch.arange(64)
+        first = K.rope(x, pos, 16, 1e4)
+        assert_bits_equal(K.rope(x, pos, 16, 1e4), first, "reused tables")
+        pos.add_(3)
+        assert_bits_equal(K.rope(x, pos, 16, 1e4), K.rope(x, torch.arange(3, 67), 16, 1e4), "changed in place")
+        assert not torch.equal(K.rope(x, pos, 16, 1e4), first)
+        assert_bits_equal(K.rope(x, torch.arange(64), 8, 1e4)[..., 8:16], x[..., 8:16], "other rotary_dim")
+
+
 @pytest.mark.parametrize("op", ["sigmoid", "silu"])
 def test_activations_position_invariant(op):
     """ATen's own sigmoid/silu are not (scalar tail path); ours are built from exp."""
@@ -129,6 +144,75 @@ def test_moe_experts_rollout_path_equals_trainer_path():
             rollout = K.moe_experts(x, ids, weights, gw, uw, dw)
         trainer = K.moe_experts(x.clone().requires_grad_(), ids, weights, gw, uw, dw)
         assert_bits_equal(rollout, trainer.detach(), f"moe experts n={n} experts used={pool}")
+
+
+@pytest.mark.parametrize("num_experts,inter,hidden,k", [(8, 64, 128, 2), (16, 512, 1024, 4)],
+                         ids=["tiny", "small"])
+def test_moe_experts_stacked_paths_equal_trainer_path(num_experts, inter, hidden, k):
+    """Without autograd, decode-sized batches run the gate/up and/or down products over all
+    experts' stacked weights (the rollout's paths, with per-module weight lists as the model
+    passes them): the same bits as the trainer's per-expert products for every combination,
+    1 and 2 threads, idle experts, and re-stacked after a weight changes in place."""
+    from rl.kernels.cpu import moe
+    gw = [torch.randn(inter, hidden).bfloat16() for _ in range(num_experts)]
+    uw = [torch.randn(inter, hidden).bfloat16() for _ in range(num_experts)]
+    dw = [torch.randn(hidden, inter).bfloat16() for _ in range(num_experts)]
+    K.prepack(gw + uw + dw)
+    with torch.no_grad():                   # a trainer's no-grad forward keeps no stacked copy
+        K.moe_experts(torch.randn(4, hidden).bfloat16(), torch.arange(4 * k).view(4, k) % num_experts,
+                      torch.rand(4, k), gw, uw, dw)
+    assert moe._dense_choice(torch.zeros(4, hidden).bfloat16(), torch.arange(4 * k) % num_experts,
+                             gw, uw, dw) == (False, False)
+    assert K.prepack_experts(gw, uw, dw) == 1
+    threads = torch.get_num_threads()
+    combos = [(True, True), (True, False), (False, True)]
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            for n, pool in ((1, num_experts), (5, 3), (16, num_experts), (64, num_experts)):
+                x = torch.randn(n, hidden).bfloat16()
+                ids = torch.stack([torch.randperm(pool)[:k] for _ in range(n)]).sort(-1)[0]
+                weights = torch.rand(n, k)
+                per_expert = moe._per_expert_gathers(x, ids.reshape(-1), k, gw, uw, dw)
+                for dense in combos:
+                    with torch.no_grad():
+                        stacked = moe._stacked_experts(x, ids.reshape(-1), k, gw, uw, dw, *dense)
+                    assert_bits_equal(stacked, per_expert, f"stacked {dense} n={n} threads={num_threads}")
+                with torch.inference_mode():          # as vLLM runs the model
+                    rollout = K.moe_experts(x, ids, weights, gw, uw, dw)
+                trainer = K.moe_experts(x.clone().requires_grad_(), ids, weights, gw, uw, dw)
+                assert_bits_equal(rollout, trainer.detach(), f"moe experts n={n} threads={num_threads}")
+        with torch.no_grad():
+            for w in (gw[3], uw[3], dw[3]):
+                w.mul_(2.0)                    # a weight update in place: the stale stack is unused
+                x = torch.randn(4, hidden).bfloat16()
+                ids = torch.cat([torch.full((4, 1), 3), torch.arange(4, 4 + k - 1).expand(4, -1)], 1)
+                expected = moe._per_expert_gathers(x, ids.reshape(-1), k, gw, uw, dw)
+                assert (moe._stacked_down(dw) if w is dw[3] else moe._stacked_gate_up(gw, uw)) is None
+                assert_bits_equal(K.moe_experts(x, ids, torch.ones(4, k), gw, uw, dw),
+                                  K.moe_experts(x.clone().requires_grad_(), ids, torch.ones(4, k), gw, uw, dw).detach(),
+                                  "stale stack")
+                K.prepack_experts(gw, uw, dw)  # what the rollout engine does after a load
+                for dense in combos:
+                    assert_bits_equal(moe._stacked_experts(x, ids.reshape(-1), k, gw, uw, dw, *dense),
+                                      expected, f"after update {dense}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_moe_dense_choice_at_model_decode_shapes():
+    """The choice the rollout makes at decode sizes (speed only; every choice has the same
+    bits): tiny stacks both products, small stacks gate/up (one 32-row tile either way) but
+    keeps per-expert down products (two 32-row tiles would read the stacked weight twice)."""
+    from rl.kernels.cpu import moe
+    for (e, inter, hidden, k, n), expected in (((8, 64, 128, 2, 64), (True, True)),
+                                               ((16, 512, 1024, 4, 16), (True, False))):
+        gw = [torch.zeros(inter, hidden).bfloat16() for _ in range(e)]
+        uw = [torch.zeros(inter, hidden).bfloat16() for _ in range(e)]
+        dw = [torch.zeros(hidden, inter).bfloat16() for _ in range(e)]
+        ids = torch.arange(n * k) % e
+        K.prepack_experts(gw, uw, dw)
+        assert moe._dense_choice(torch.zeros(n, hidden).bfloat16(), ids, gw, uw, dw) == expected
 
 
 def test_moe_route_ties_go_to_lower_index():

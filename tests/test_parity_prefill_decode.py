@@ -42,7 +42,11 @@ def _lightning_split(q, k, v, ld, chunk, splits, slot=3):
 
 @pytest.mark.parametrize("chunk", [8, 16, 64])
 @pytest.mark.parametrize("splits", [[1] * 200, [37, 1, 1, 5], [16, 16, 3, 29], [100]], ids=["decode", "37+decode", "mixed", "two"])
-def test_lightning_full_equals_split(chunk, splits):
+@pytest.mark.parametrize("state_in_place", [False, True], ids=["gathered-S", "in-place-S"])
+def test_lightning_full_equals_split(chunk, splits, state_in_place, monkeypatch):
+    if state_in_place:           # the decode step's large-state path, forced at this size
+        from rl.kernels.cpu import lightning
+        monkeypatch.setattr(lightning, "STATE_IN_PLACE_BYTES", 0)
     t = 150
     q, k, v = (torch.randn(t, 4, 32).bfloat16() for _ in range(3))
     ld = -torch.rand(4) * 0.5
@@ -159,10 +163,15 @@ def test_mixed_batch_prefill_and_decode_in_one_call():
     assert_bits_equal(out, full, "mixed prefill/decode batch")
 
 
-def test_batched_decode_steps_equal_the_full_forward():
+@pytest.mark.parametrize("state_in_place", [False, True], ids=["gathered-S", "in-place-S"])
+def test_batched_decode_steps_equal_the_full_forward(state_in_place, monkeypatch):
     """Decode steps of several sequences in one call (each at its own window offset, windows
     completing on different steps, a new sequence joining with a one-token prompt, slots
-    holding garbage): every token equals its sequence's full forward."""
+    holding garbage): every token equals its sequence's full forward. Both ways the decode
+    step reads S: gathered (small states) and in place per sequence (large states, forced)."""
+    if state_in_place:
+        from rl.kernels.cpu import lightning
+        monkeypatch.setattr(lightning, "STATE_IN_PLACE_BYTES", 0)
     lengths, joins = [60, 45, 33, 20], [0, 0, 0, 13]        # sequence 3 starts at step 13
     prompts = [17, 5, 1, 1]
     gen = torch.Generator().manual_seed(3)

@@ -7,8 +7,9 @@ sides. Ops (shapes in each backend's docstrings):
     linear, rms_norm, gated_group_rms_norm, rope, softmax_attention,
     lightning_attention, moe_route, moe_experts, silu, logprobs, log_softmax_logits
 
-and `prepack(weights)`, which an inference engine calls after loading weights (cpu: keeps
-oneDNN's packed layout of bf16 weights; same bits).
+and `prepack(weights)` / `prepack_experts(gate_w, up_w, down_w)`, which an inference engine
+calls after loading weights (cpu: keeps oneDNN's packed layout of bf16 weights, and each MoE
+layer's experts stacked for decode batches; same bits).
 
 Contract (DESIGN.md §2; each property has a bitwise test): batch invariance, prefill/decode
 invariance, run-to-run determinism, trainer = rollout, the paper's precision rules.
@@ -82,6 +83,13 @@ def prepack(weights) -> int:
     return backend.prepack(weights) if hasattr(backend, "prepack") else 0
 
 
+def prepack_experts(gate_w, up_w, down_w) -> int:
+    """Inference only: let `moe_experts` (without autograd) keep one MoE layer's expert weights
+    stacked where the backend can use that (cpu; same bits). Call again after they change."""
+    backend = backend_for(gate_w[0].device)
+    return backend.prepack_experts(gate_w, up_w, down_w) if hasattr(backend, "prepack_experts") else 0
+
+
 def rms_norm(x, weight, eps):
     return backend_for(x.device).rms_norm(x, weight, eps)
 
@@ -127,7 +135,7 @@ def logprobs(hidden, lm_head_weight, token_ids, temperature=1.0):
 from rl.kernels.batch import BatchMeta  # noqa: E402  (plain data, no backend import)
 
 __all__ = [
-    "BatchMeta", "MODES", "set_kernels", "get_kernels", "kernels", "backend_for", "linear", "prepack",
+    "BatchMeta", "MODES", "set_kernels", "get_kernels", "kernels", "backend_for", "linear", "prepack", "prepack_experts",
     "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention", "lightning_attention",
     "moe_route", "moe_experts", "silu", "log_softmax_logits", "logprobs",
 ]

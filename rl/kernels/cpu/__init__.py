@@ -18,12 +18,12 @@ from rl.kernels.cpu.norm import gated_group_rms_norm, rms_norm
 from rl.kernels.cpu.rope import rope
 from rl.kernels.cpu.attention import softmax_attention
 from rl.kernels.cpu.lightning import lightning_attention
-from rl.kernels.cpu.moe import moe_experts, moe_route
+from rl.kernels.cpu.moe import moe_experts, moe_route, prepack_experts
 from rl.kernels.cpu.logprobs import log_softmax_logits, logprobs
 from rl.kernels.cpu.elementwise import sigmoid, silu
 
 keep_heap_top()
 
 __all__ = ["linear", "prepack", "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention",
-           "lightning_attention", "moe_route", "moe_experts", "log_softmax_logits", "logprobs",
+           "lightning_attention", "moe_route", "moe_experts", "prepack_experts", "log_softmax_logits", "logprobs",
            "sigmoid", "silu"]

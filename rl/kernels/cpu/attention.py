@@ -39,10 +39,11 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     kv_cache[slots // block_size, :, slots % block_size] = kv
 
 
-def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, length: int):
-    """Logical K/V [B, Hkv, length, D] in fp32 from pages; values at positions >= seq_len are
-    zero, keys there are whatever the pages hold (attention masks them). Reads only the
-    `length` positions, not whole pages (vLLM's pages can be 1024 tokens): when a page holds
+def _gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  length: int) -> torch.Tensor:
+    """Logical K/V [B, Hkv, length, 2D] in the cache dtype from pages; values at positions >=
+    seq_len are zero, keys there are whatever the pages hold (attention masks them). Reads only
+    the `length` positions, not whole pages (vLLM's pages can be 1024 tokens): when a page holds
     whole BLOCK_K-position blocks, one gather of BLOCK_K-row runs, else one row gather."""
     blocks_total, hkv, block_size, d2 = kv_cache.shape
     num_seqs = block_table.shape[0]
@@ -68,12 +69,42 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
         kv = kv_cache[block_table[:, page].long(), :, t % block_size].transpose(1, 2)
     kv = kv.reshape(num_seqs, hkv, length, d2)
     # p = 0 at positions past seq_len, and 0 * garbage could be NaN: zero those values (in the
-    # cache dtype, before widening; only from the shortest sequence's length on)
+    # cache dtype, before widening; only from the shortest sequence's length on). The mask
+    # selects whole (sequence, position) rows of the contiguous buffer, so the fill runs
+    # over rows instead of a strided, broadcast element mask.
     first = min(int(seq_lens.min()), length)
-    t_tail = torch.arange(first, length, device=kv_cache.device)
-    kv[:, :, first:, d2 // 2:].masked_fill_((t_tail[None, :] >= seq_lens[:, None])[:, None, :, None], 0.0)
-    kv = kv.float()
+    if first < length:
+        t_tail = torch.arange(first, length, device=kv_cache.device)
+        past = t_tail[None, :] >= seq_lens[:, None]                  # [B, length - first]
+        if kv.is_contiguous():      # fill whole (sequence, head, position) rows by index:
+            seq, pos = past.nonzero(as_tuple=True)                   # ~2x faster than the mask
+            heads = torch.arange(hkv, device=kv.device)
+            rows = (seq[:, None] * hkv + heads[None, :]) * length + (pos + first)[:, None]
+            kv.view(-1, d2)[:, d2 // 2:].index_fill_(0, rows.reshape(-1), 0.0)
+        else:
+            kv[:, :, first:, d2 // 2:].masked_fill_(past[:, None, :, None], 0.0)
+    return kv
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, length: int):
+    """Logical K/V [B, Hkv, length, D] in fp32 from pages (see `_gather_pages`)."""
+    kv = _gather_pages(kv_cache, block_table, seq_lens, length).float()
+    d2 = kv.shape[-1]
     return kv[..., : d2 // 2], kv[..., d2 // 2:]
+
+
+def _key_blocks(kv: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, Hkv, L, 2D] (cache dtype) -> keys transposed per block [B*Hkv, n_blocks, D, BLOCK_K]
+    and values [B*Hkv, n_blocks, BLOCK_K, D], both fp32 and contiguous: the products' operands,
+    each made by one widening copy."""
+    b, hkv, length, d2 = kv.shape
+    d = d2 // 2
+    blocks = kv.view(b * hkv, n_blocks, BLOCK_K, d2)
+    k_t = torch.empty((b * hkv, n_blocks, d, BLOCK_K), dtype=torch.float32, device=kv.device)
+    k_t.copy_(blocks[..., :d].transpose(-1, -2))
+    v = torch.empty((b * hkv, n_blocks, BLOCK_K, d), dtype=torch.float32, device=kv.device)
+    v.copy_(blocks[..., d:])
+    return k_t, v
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BatchMeta,
@@ -91,35 +122,43 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     scale = d ** -0.5 if scale is None else scale
     q_lens, seq_lens = batch.query_lens, batch.seq_lens
     num_seqs = batch.num_seqs
-    seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), q_lens)
-    local = torch.arange(n, device=q.device) - batch.query_start_loc[:-1][seq_idx]
     len_k = _ceil_to(int(seq_lens.max()), BLOCK_K)
-    len_q = int(q_lens.max())
+    n_blocks = len_k // BLOCK_K
+    # one new token per sequence (decode): the rows need no scatter; same operands, same bits
+    decode = kv_cache is not None and n == num_seqs and bool((q_lens == 1).all())
+    len_q = 1 if decode else int(q_lens.max())
     rows = _ceil_to(len_q * group, TILE_Q)       # query rows per (sequence, kv head), (t, g) order
+    if not decode:
+        seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), q_lens)
+        local = torch.arange(n, device=q.device) - batch.query_start_loc[:-1][seq_idx]
     if kv_cache is not None:
         write_kv(kv_cache, k, v, batch.slot_mapping)
-        k_all, v_all = gather_kv(kv_cache, batch.block_table, seq_lens, len_k)
+        k_t, v_blocks = _key_blocks(_gather_pages(kv_cache, batch.block_table, seq_lens, len_k), n_blocks)
     else:
         if int(batch.context_lens.max()) != 0:
             raise ValueError("softmax_attention: context_lens > 0 needs a kv_cache")
-        k_all = q.new_zeros((num_seqs, len_k, hkv, d), dtype=torch.float32)
-        v_all = torch.zeros_like(k_all)
-        k_all = k_all.index_put((seq_idx, local), k.float()).transpose(1, 2)
-        v_all = v_all.index_put((seq_idx, local), v.float()).transpose(1, 2)
+        kv = q.new_zeros((num_seqs, len_k, hkv, 2 * d), dtype=k.dtype)
+        kv = kv.index_put((seq_idx, local), torch.cat([k, v], -1)).transpose(1, 2)
+        k_t, v_blocks = _key_blocks(kv.contiguous(), n_blocks)
 
     # queries: [B, Hkv, rows, D], row r = (t, g) for t < len_q, then zero rows up to a whole
     # tile (a decode step of a GQA group fills one tile instead of `group` mostly empty ones)
-    q_pad = q.new_zeros((num_seqs, len_q, hq, d), dtype=torch.float32)
-    q_pad = q_pad.index_put((seq_idx, local), q.float())
-    q_pad = q_pad.view(num_seqs, len_q, hkv, group, d).transpose(1, 2).reshape(num_seqs, hkv, len_q * group, d)
-    q_pad = F.pad(q_pad, (0, 0, 0, rows - len_q * group))
-    n_tiles, n_blocks = rows // TILE_Q, len_k // BLOCK_K
+    if decode:
+        q_pad = F.pad(q.float().view(num_seqs, hkv, group, d), (0, 0, 0, rows - group))
+        q_pos = batch.context_lens.view(num_seqs, 1)          # the new token's position
+    else:
+        q_pad = q.new_zeros((num_seqs, len_q, hq, d), dtype=torch.float32)
+        q_pad = q_pad.index_put((seq_idx, local), q.float())
+        q_pad = q_pad.view(num_seqs, len_q, hkv, group, d).transpose(1, 2).reshape(num_seqs, hkv, len_q * group, d)
+        q_pad = F.pad(q_pad, (0, 0, 0, rows - len_q * group))
+        q_pos = torch.full((num_seqs, len_q), -1, dtype=torch.int64, device=q.device)
+        q_pos[seq_idx, local] = batch.positions()
+    n_tiles = rows // TILE_Q
     q_rows = q_pad.reshape(num_seqs * hkv, n_tiles, 1, TILE_Q, d)
-    k_blocks = k_all.reshape(num_seqs * hkv, 1, n_blocks, BLOCK_K, d)
 
     g = num_seqs * hkv * n_tiles * n_blocks
     a = q_rows.expand(-1, -1, n_blocks, -1, -1).reshape(g, TILE_Q, d)
-    b = k_blocks.transpose(-1, -2).expand(-1, n_tiles, -1, -1, -1).reshape(g, d, BLOCK_K)
+    b = k_t[:, None].expand(-1, n_tiles, -1, -1, -1).reshape(g, d, BLOCK_K)
     scores = bmm_fixed(a, b).view(num_seqs, hkv, n_tiles, n_blocks, TILE_Q, BLOCK_K)
     # element-wise steps only on the tile rows that hold queries (a decode tile holds `group`
     # of TILE_Q): per element the arithmetic is the same, so the bits are too
@@ -127,8 +166,6 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     scores = scores[..., :live, :] * scale
 
     # mask: key position <= query position (and the row is a real query)
-    q_pos = torch.full((num_seqs, len_q), -1, dtype=torch.int64, device=q.device)
-    q_pos[seq_idx, local] = batch.positions()
     row_pos = F.pad(q_pos[:, :, None].expand(-1, -1, group).reshape(num_seqs, len_q * group),
                     (0, rows - len_q * group), value=-1).view(num_seqs, 1, n_tiles, 1, TILE_Q, 1)
     key_pos = torch.arange(len_k, device=q.device).view(1, 1, 1, n_blocks, 1, BLOCK_K)
@@ -141,8 +178,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
 
     block_sums = row_sum(p)                                    # [B, Hkv, tiles, blocks, live]
     pv = bmm_fixed(F.pad(p, (0, 0, 0, TILE_Q - live)).reshape(g, TILE_Q, BLOCK_K),
-                   v_all.reshape(num_seqs * hkv, 1, n_blocks, BLOCK_K, d)
-                   .expand(-1, n_tiles, -1, -1, -1).reshape(g, BLOCK_K, d))
+                   v_blocks[:, None].expand(-1, n_tiles, -1, -1, -1).reshape(g, BLOCK_K, d))
     pv = pv.view(num_seqs, hkv, n_tiles, n_blocks, TILE_Q, d)[..., :live, :]
     denom, out = block_sums[:, :, :, 0], pv[:, :, :, 0]
     for blk in range(1, n_blocks):                             # fixed order: block 0, 1, 2...
@@ -151,5 +187,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     denom = torch.where(denom > 0, denom, torch.ones((), device=q.device))
     out = out / denom[..., None]                               # [B, Hkv, tiles, live, D]
     out = out.reshape(num_seqs, hkv, n_tiles * live, d)[:, :, :len_q * group]
+    if decode:
+        return out.reshape(num_seqs, hq, d).to(q.dtype)
     out = out.reshape(num_seqs, hkv, len_q, group, d).transpose(1, 2).reshape(num_seqs, len_q, hq, d)
     return out[seq_idx, local].to(q.dtype)

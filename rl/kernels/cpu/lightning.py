@@ -47,47 +47,53 @@ def _tables(log_decay_values: tuple[float, ...], chunk: int):
     return decay_tables(torch.tensor(log_decay_values, dtype=torch.float32), chunk)
 
 
+# per-request S above this size: the inter product reads each sequence's S in the pool in
+# place (one product per sequence) instead of first gathering all of them into one buffer
+STATE_IN_PLACE_BYTES = 256 << 10
+
+
 def _decode_step(q, k, v, log_decay, batch: BatchMeta, state, c: int, tq: int) -> torch.Tensor:
     """One new token per sequence, with a state: the general path's arithmetic for this case
     (one window, one query tile per sequence; same products and element-wise steps, so the
-    same bits) with a fraction of its indexing work."""
+    same bits) with a fraction of its indexing work. The new k/v go into the pool first, and
+    the products' operands are read from the pool in their final layout in one pass each."""
     n, h, d = q.shape
     s_pool, pend_pool = state
     slots = batch.state_indices
     ctx = batch.context_lens
     j = ctx % c                                                # the token's window offset
     rows = torch.arange(n, device=q.device)
-    s0 = s_pool.index_select(0, slots)                         # [B, H, D, D]
-    pend = pend_pool.index_select(0, slots)                    # [B, H, C, 2D]
     fresh = (ctx == 0).nonzero()[:, 0]
     if fresh.numel():                    # the slot holds whatever its previous owner left
-        s0[fresh] = 0.0
-        pend[fresh] = 0.0
+        s_pool[slots[fresh]] = 0.0
         pend_pool[slots[fresh]] = 0.0
-    new_kv = torch.cat([k, v], -1).float()                     # [B, H, 2D]
-    pend[rows, :, j] = new_kv
-    pend_pool[slots, :, j] = new_kv
+    pend_pool[slots, :, j] = torch.cat([k, v], -1).float()    # [B, H, 2D]
     q_decay, k_decay, intra_mask, window_decay = _tables(tuple(log_decay.tolist()), c)
     tiles_per_window = c // tq
     t_in, r = j // tq, j % tq
     qt = q.new_zeros((n, h, tq, d), dtype=torch.float32)
     qt[rows, :, r] = q.float() * (d ** -0.5)
-    kw, vw = pend[..., :d], pend[..., d:]
-    scores = bmm_fixed(qt.reshape(-1, tq, d), kw.transpose(-1, -2).reshape(-1, d, c)).view(n, h, tq, c)
+    kw_t = pend_pool[..., :d].transpose(-1, -2)[slots]        # [B, H, D, C], contiguous
+    vw = pend_pool[..., d:][slots]                             # [B, H, C, D], contiguous
+    scores = bmm_fixed(qt.reshape(-1, tq, d), kw_t.reshape(-1, d, c)).view(n, h, tq, c)
     scores = scores * intra_mask.view(h, tiles_per_window, tq, c)[:, t_in].transpose(0, 1)
     intra = bmm_fixed(scores.reshape(-1, tq, c), vw.reshape(-1, c, d)).view(n, h, tq, d)
     q_dec = q_decay.view(h, tiles_per_window, tq)[:, t_in].transpose(0, 1)[..., None]
-    inter = bmm_fixed((qt * q_dec).reshape(-1, tq, d), s0.reshape(-1, d, d)).view(n, h, tq, d)
-    out = (inter + intra)[rows, :, r]                          # [N, H, D]
+    qd = qt * q_dec
+    if h * d * d * s_pool.element_size() >= STATE_IN_PLACE_BYTES:
+        # a sequence's S [H, D, D] is contiguous in the pool: the same [tq, D] x [D, D]
+        # products per head (bmm_fixed's per-matrix result does not depend on the batch)
+        inter = torch.stack([bmm_fixed(qd[i], s_pool[slot]) for i, slot in enumerate(slots.tolist())])
+    else:
+        inter = bmm_fixed(qd.reshape(-1, tq, d), s_pool.index_select(0, slots).reshape(-1, d, d)).view(n, h, tq, d)
+    out = inter[rows, :, r] + intra[rows, :, r]                # [N, H, D]: the live rows only
     full = (j == c - 1).nonzero()[:, 0]                        # windows this token completes
     if full.numel():
-        kf = kw[full] * k_decay[None, :, :, None]
+        done = slots[full]
+        kf = pend_pool[..., :d][done] * k_decay[None, :, :, None]
         kv = bmm_fixed(kf.transpose(-1, -2).reshape(-1, d, c), vw[full].reshape(-1, c, d)).view(-1, h, d, d)
-        s_pool[slots[full]] = window_decay[None, :, None, None] * s0[full] + kv
-        pend_pool[slots[full]] = 0.0
-    fresh_only = fresh[j[fresh] != c - 1] if fresh.numel() else fresh
-    if fresh_only.numel():
-        s_pool[slots[fresh_only]] = 0.0
+        s_pool[done] = window_decay[None, :, None, None] * s_pool[done] + kv
+        pend_pool[done] = 0.0
     return out.to(q.dtype)
 
 

@@ -7,13 +7,26 @@ lower index. Experts: each expert's SwiGLU runs its tokens through the invariant
 expert outputs are summed in fp32 in ascending expert order. The rows reach the experts by
 one gather per expert under autograd (trainer) or by one sorted gather without it (rollout):
 the same forward bits (tested), two ways of summing x's gradient (see `_per_expert_gathers`).
+Without autograd, where the rollout engine asked for stacked copies (`prepack_experts`) and it
+is cheaper (decode batches, see `_dense_choice`), the gate/up and/or the down products run once
+over all experts' weights stacked (`_stacked_experts`): a
+product's output element does not depend on how many weight rows share the call (tested at
+the model shapes), so the selected columns carry the per-expert bits in one oneDNN call
+instead of one or two per expert.
 """
 from __future__ import annotations
 
 import torch
 
 from rl.kernels.cpu.elementwise import sigmoid, silu
-from rl.kernels.cpu.matmul import linear
+from rl.kernels.cpu.matmul import bf16_tile_rows, linear, prepack
+
+# the fixed cost of one oneDNN call (~50 us here at tiny decode shapes) in weight bytes read
+# in the same time (~5 GB/s)
+CALL_COST_BYTES = 256 << 10
+# stacked copies of one layer's expert weights are kept only up to this size
+STACK_MAX_BYTES = 64 << 20
+_STACK_ATTR = "_lockstep_stacked_experts"
 
 
 def stable_topk(x: torch.Tensor, k: int):
@@ -93,6 +106,122 @@ def _one_sorted_gather(x, flat_ids, k, gate_w, up_w, down_w):
     return outputs
 
 
+def _stacked(parts: list[torch.Tensor], key: str, holder: torch.Tensor, stack=None) -> torch.Tensor | None:
+    """The packed stack(parts) kept on `holder` (an expert's weight) by `prepack_experts`, while
+    the parts are these same tensors at the same versions; None when there is none or it is
+    stale. With `stack`, (re)builds it. Never built lazily inside a forward: a trainer's no-grad
+    forward must not keep copies (DeepSpeed changes weights through `.data`, which no version
+    counter sees), so only the rollout, which rebuilds after every weight load, opts in."""
+    versions = tuple(w._version for w in parts)
+    entry = getattr(holder, key, None)
+    if stack is None:
+        if entry is not None and entry[1] == versions and all(a is b for a, b in zip(entry[0], parts)):
+            return entry[2]
+        return None
+    with torch.inference_mode(False):   # vLLM runs in inference mode; the pack check needs
+        stacked = stack()               # the version counter an inference tensor lacks
+    prepack([stacked])
+    setattr(holder, key, (tuple(parts), versions, stacked))
+    return stacked
+
+
+def _stacked_gate_up(gate_w, up_w, build: bool = False) -> torch.Tensor | None:
+    """[E*2*I, Hd]: expert e's gate rows, then its up rows, for e = 0, 1, ..."""
+    def stack():
+        return torch.stack([torch.stack([g, u]) for g, u in zip(gate_w, up_w)]).reshape(-1, gate_w[0].shape[1])
+    return _stacked([*gate_w, *up_w], _STACK_ATTR + "_gate_up", gate_w[0], stack if build else None)
+
+
+def _stacked_down(down_w, build: bool = False) -> torch.Tensor | None:
+    """[E*Hd, I]: the experts' down weights one after the other."""
+    def stack():
+        return torch.stack(list(down_w)).reshape(-1, down_w[0].shape[1])
+    return _stacked(list(down_w), _STACK_ATTR + "_down", down_w[0], stack if build else None)
+
+
+def _stackable(gate_w) -> bool:
+    if not isinstance(gate_w, (list, tuple)) or gate_w[0].dtype != torch.bfloat16 or gate_w[0].device.type != "cpu":
+        return False
+    e, (inter, hidden) = len(gate_w), gate_w[0].shape
+    return 3 * e * inter * hidden * 2 <= STACK_MAX_BYTES
+
+
+def prepack_experts(gate_w, up_w, down_w) -> int:
+    """Inference only (the rollout engine, after every weight load): keep stacked, packed copies
+    of one MoE layer's expert weights so that `moe_experts` without autograd may run a product
+    over all experts at once where that is cheaper (same bits). Layers over STACK_MAX_BYTES,
+    non-bf16 weights: nothing. Returns 1 if stacked, else 0. A later in-place change of any
+    expert weight makes the copy unused until the next call."""
+    if not _stackable(gate_w):
+        return 0
+    _stacked_gate_up(gate_w, up_w, build=True)
+    _stacked_down(down_w, build=True)
+    return 1
+
+
+def _calls_cost(rows: int, n: int, k: int) -> int:
+    """Bytes-equivalent cost of a bf16 product of `rows` rows with a [n, k] weight: each row
+    tile is one oneDNN call that reads the whole weight (decode products are bound by these
+    bytes and by the call's fixed cost)."""
+    tiles = max(1, -(-rows // bf16_tile_rows(rows, k)))
+    return tiles * (CALL_COST_BYTES + 2 * n * k)
+
+
+def _dense_choice(x, flat_ids, gate_w, up_w, down_w) -> tuple[bool, bool]:
+    """(gate/up over all experts' stacked weights?, down likewise?): each where `prepack_experts`
+    left a current stack and it costs fewer bytes-equivalents than the per-expert products of
+    the sorted path."""
+    if x.dtype != torch.bfloat16 or not _stackable(gate_w):
+        return False, False
+    has_gate_up = _stacked_gate_up(gate_w, up_w) is not None
+    has_down = _stacked_down(down_w) is not None
+    if not (has_gate_up or has_down):
+        return False, False
+    e, (inter, hidden) = len(gate_w), gate_w[0].shape
+    counts = [c for c in torch.bincount(flat_ids, minlength=e).tolist() if c]
+    sorted_gate_up = sum(2 * _calls_cost(c, inter, hidden) for c in counts)
+    sorted_down = sum(_calls_cost(c, hidden, inter) for c in counts)
+    return (has_gate_up and _calls_cost(x.shape[0], e * 2 * inter, hidden) < sorted_gate_up,
+            has_down and _calls_cost(flat_ids.numel(), e * hidden, inter) < sorted_down)
+
+
+def _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up: bool, dense_down: bool):
+    """(token, slot) outputs [N*k, Hd] without autograd, each of the two stages either over all
+    experts' stacked weights (dense: the unused experts' columns are thrown away) or per expert
+    on the rows sorted by expert. Every output element is the one `expert_mlp` computes: the
+    same products (a product's element does not depend on the weight rows beside it, tested)
+    and the same element-wise steps."""
+    e, inter = len(gate_w), gate_w[0].shape[0]
+    pairs = flat_ids.numel()
+    pair = torch.arange(pairs, device=x.device)
+    order = counts = None
+    if not (dense_gate_up and dense_down):
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=e).tolist()
+    if dense_gate_up:
+        y = linear(x, _stacked_gate_up(gate_w, up_w)).view(x.shape[0], e, 2, inter)[pair // k, flat_ids]
+        hidden = (silu(y[:, 0].float()) * y[:, 1].float()).to(x.dtype)              # [N*k, I]
+    else:
+        rows, parts, start = x[order // k], [], 0
+        for i, count in enumerate(counts):
+            if count:
+                r = rows[start:start + count]
+                parts.append(silu(linear(r, gate_w[i]).float()) * linear(r, up_w[i]).float())
+                start += count
+        hidden = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
+        hidden[order] = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(x.dtype)
+    if dense_down:
+        return linear(hidden, _stacked_down(down_w)).view(pairs, e, x.shape[1])[pair, flat_ids]
+    rows, parts, start = hidden[order], [], 0
+    for i, count in enumerate(counts):
+        if count:
+            parts.append(linear(rows[start:start + count], down_w[i]))
+            start += count
+    outputs = torch.empty((pairs, x.shape[1]), dtype=x.dtype, device=x.device)
+    outputs[order] = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return outputs
+
+
 def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
     """x [N, Hd]; topk_ids/topk_weights [N, k] (ids ascending); per-expert weights indexable
     by expert: gate_w[e], up_w[e] [I, Hd], down_w[e] [Hd, I] -> [N, Hd] in x.dtype."""
@@ -103,7 +232,11 @@ def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
     if torch.is_grad_enabled() and x.requires_grad:
         outputs = _per_expert_gathers(x, flat_ids, k, gate_w, up_w, down_w)
     else:
-        outputs = _one_sorted_gather(x, flat_ids, k, gate_w, up_w, down_w)
+        dense_gate_up, dense_down = _dense_choice(x, flat_ids, gate_w, up_w, down_w)
+        if dense_gate_up or dense_down:
+            outputs = _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up, dense_down)
+        else:
+            outputs = _one_sorted_gather(x, flat_ids, k, gate_w, up_w, down_w)
     outputs = outputs.view(num_tokens, k, -1).float()
     weights = topk_weights.float()
     combined = weights[:, 0, None] * outputs[:, 0]

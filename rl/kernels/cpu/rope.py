@@ -1,4 +1,8 @@
-"""Partial rotary position embedding (rotate-half / NeoX) with fp32 tables and rotation."""
+"""Partial rotary position embedding (rotate-half / NeoX) with fp32 tables and rotation.
+
+Every rotary layer of one forward rotates q and k at the same positions: the tables of the
+last call are kept and reused for equal positions (the same function of the same values, so
+the same bits; a decode step built them 2 x layers times)."""
 from __future__ import annotations
 
 import torch
@@ -12,12 +16,30 @@ def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float):
     return torch.cos(freqs), torch.sin(freqs)
 
 
+_last_tables: tuple | None = None     # (a copy of the positions, rotary_dim, theta, cos, sin)
+
+
+def _cached_tables(positions: torch.Tensor, rotary_dim: int, theta: float):
+    """rope_tables, reused while the positions are equal in value to the last call's (a
+    comparison of N integers instead of two transcendental passes; by value, because vLLM's
+    inference tensors keep no version counter that would tell an in-place change)."""
+    global _last_tables
+    last = _last_tables
+    if (last is not None and last[1] == rotary_dim and last[2] == theta
+            and last[0].shape == positions.shape and last[0].dtype == positions.dtype
+            and last[0].device == positions.device and torch.equal(last[0], positions)):
+        return last[3], last[4]
+    cos, sin = rope_tables(positions, rotary_dim, theta)
+    _last_tables = (positions.clone(), rotary_dim, theta, cos, sin)
+    return cos, sin
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float) -> torch.Tensor:
     """x [N, H, D], positions [N] -> x.dtype; rotates the first `rotary_dim` dims of each head.
 
     Elementwise per token, so invariant to batch and to prefill/decode by construction.
     """
-    cos, sin = rope_tables(positions, rotary_dim, theta)
+    cos, sin = _cached_tables(positions, rotary_dim, theta)
     cos, sin = cos[:, None, :], sin[:, None, :]
     half = rotary_dim // 2
     xf = x.float()
