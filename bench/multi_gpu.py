@@ -39,8 +39,8 @@ from trainer.synthetic import random_batch  # noqa: E402
 
 # NVLink multicast stays off on the shared GPU hosts (the device tool's KINDS.md), also for the
 # rank processes started below, which inherit this environment.
-for _name in ("NCCL_NVLS_ENABLE", "NVSHMEM_DISABLE_NVLS"):
-    os.environ.setdefault(_name, "0" if _name == "NCCL_NVLS_ENABLE" else "1")
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 ALGO = {"name": "grpo", "clip_high": 0.28}

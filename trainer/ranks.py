@@ -25,11 +25,11 @@ from trainer.worker import TrainerWorker
 
 
 class RayRanks:
+    """One Ray actor per rank; the caller (`TrainerGroup`) has connected to Ray."""
+
     def __init__(self, ctor_args: list[tuple], num_cpus: float = 1, num_gpus: float = 0):
         import ray
 
-        if not ray.is_initialized():
-            ray.init()
         actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(TrainerWorker)
         self.actors = [actor_cls.remote(*args) for args in ctor_args]
         self.call("ready", [((), {})] * len(self.actors))
