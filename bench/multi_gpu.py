@@ -34,6 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from rl.bits import first_difference  # noqa: E402
 from trainer.group import TrainerGroup  # noqa: E402
 from trainer.synthetic import random_batch  # noqa: E402
 
@@ -45,19 +46,6 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 ALGO = {"name": "grpo", "clip_high": 0.28}
 SLICE = {"num_hidden_layers": 5, "first_k_dense_replace": 0}    # layers 0-3 linear, 4 softmax
-
-
-def first_difference(got: torch.Tensor, want: torch.Tensor) -> dict | None:
-    """None when bit-equal; else where and by how much the first element differs."""
-    if got.shape == want.shape and torch.equal(got, want):
-        return None
-    if got.shape != want.shape:
-        return {"shape": [list(got.shape), list(want.shape)]}
-    diff = (got != want) & ~(got.isnan() & want.isnan())
-    index = [int(i) for i in diff.nonzero()[0]]
-    return {"num_differing": int(diff.sum()), "first_index": index,
-            "got": float(got[tuple(index)]), "want": float(want[tuple(index)]),
-            "max_abs_diff": float((got.float() - want.float()).abs()[diff].max())}
 
 
 def weights_difference(got: dict, want: dict) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from rl.bits import describe, first_difference
 from rollout.batch import RolloutBatch, RolloutSample
 
 
@@ -39,13 +40,8 @@ def mismatches(batch: RolloutBatch, model, temperature: float | None = None) -> 
     ok = [s for s in batch.samples if s.error is None]
     problems = []
     for s, ref in zip(ok, trainer_logprobs(model, ok, t)):
-        got = s.response_logprobs
-        if got.dtype != torch.float32 or got.shape != ref.shape:
-            problems.append(f"prompt {s.prompt_index} sample {s.sample_index}: "
-                            f"{got.dtype}{tuple(got.shape)} vs {ref.dtype}{tuple(ref.shape)}")
-        elif not torch.equal(got, ref):
-            first = int((got != ref).nonzero()[0])
-            problems.append(f"prompt {s.prompt_index} sample {s.sample_index} (prompt {len(s.prompt_ids)} tokens): "
-                            f"first differing response token {first}: {got[first].item()!r} vs "
-                            f"{ref[first].item()!r}; max |delta| {(got - ref).abs().max().item():.3e}")
+        difference = first_difference(s.response_logprobs, ref)
+        if difference is not None:
+            problems.append(f"prompt {s.prompt_index} sample {s.sample_index} (prompt {len(s.prompt_ids)} "
+                            f"tokens), response logprobs: {describe(difference)}")
     return problems

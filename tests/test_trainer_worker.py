@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rl.model.checkpoint import load_model
+from bits import assert_bits_equal
 from tests_paths import TINY
 from trainer.group import free_port
 from trainer.synthetic import random_batch
@@ -39,15 +40,6 @@ def rl_batch(worker, rows=8, max_len=24, seed=0):
     batch = random_batch(worker.model_config.vocab_size, rows, max_len, seed=seed)
     batch["old_logprobs"] = worker.forward_logprobs(batch)
     return batch
-
-
-def assert_bits_equal(actual, expected, what):
-    if not torch.equal(actual, expected):
-        diff = (actual != expected).nonzero()
-        first = tuple(diff[0].tolist())
-        raise AssertionError(f"{what}: {len(diff)} elements differ, first at {first}: "
-                             f"{actual[first].item()!r} vs {expected[first].item()!r}; "
-                             f"max |delta| {(actual - expected).abs().max().item():.3e}")
 
 
 def weights_equal(a, b):

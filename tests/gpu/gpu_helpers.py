@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from rl.bits import describe, first_difference
 from rl.kernels import BatchMeta
 
 # LOCKSTEP_TEST_DEVICE=cpu with TRITON_INTERPRET=1 runs the kernels' logic in Triton's
@@ -14,15 +15,9 @@ DEV = os.environ.get("LOCKSTEP_TEST_DEVICE", "cuda")
 
 
 def assert_bitwise(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    if got.shape != want.shape:
-        raise AssertionError(f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
-    if not torch.equal(got, want):
-        diff = (got != want)
-        if got.is_floating_point():
-            diff = diff & ~(torch.isnan(got) & torch.isnan(want))
-        first = diff.nonzero()[0].tolist()
-        delta = (got.double() - want.double()).abs().nan_to_num(float("inf")).max().item()
-        raise AssertionError(f"{what}: {int(diff.sum())} elements differ; first at {first}, max |delta| {delta:.3g}")
+    difference = first_difference(got, want)
+    if difference is not None:
+        raise AssertionError(f"{what}: {describe(difference)}")
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
