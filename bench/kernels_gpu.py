@@ -386,19 +386,22 @@ def bench_lightning():
     record("lightning prefill vs fla g_gamma", lambda: (True, ""), c["prefill"], c["base_gamma"], None,
            "fla chunk_simple_gla (g_gamma)")
     from rl.kernels.triton import lightning as L
+    run9 = dict(TRUNC_SPLIT=False, FULL_PROGS_PER_SM=0, TILE_WARPS=8, TILE_MAXNREG=128)
+    with consts(L, **run9):
+        record("lightning prefill B8 T4096, run-9 settings (round-to-nearest split)", c["prefill_check"], c["prefill"],
+               c["base_g"], None, "fla chunk_simple_gla (g = Ring slope)",
+               note="not the shipped setting: the before of run 16 in the same run (other bits)")
     with consts(L, SPLIT_PARTS=2):
         record("lightning prefill, 2-part split (precision variant)", lambda: (True, ""), c["prefill"], c["base_g"],
                None, "fla chunk_simple_gla (g)", note="not the shipped setting (SPLIT_PARTS=3)")
     record("lightning decode B256 (state fp32 + pending)", c["decode_check"], c["decode"], c["decode_base"], 1.3,
            "fla fused_recurrent_simple_gla (g_gamma, fp32 state in/out)")
-    with consts(L, TILE_BV=128, TILE_WARPS=8, TILE_MAXNREG=None):
-        record("lightning decode B256, run-6 tile config (128 V-columns, 8 warps, no register cap)", c["decode_check"],
-               c["decode"], c["decode_base"], None, "fla fused_recurrent_simple_gla (g_gamma)",
-               note="not the shipped setting: the before/after of the 64-column tile programs in one run")
-    with consts(L, Q_TILE=64):
-        record("lightning decode B256, tile kernel off (full 64-row windows, the run-4 path)", c["decode_check"],
-               c["decode"], c["decode_base"], None, "fla fused_recurrent_simple_gla (g_gamma)",
-               note="not the shipped setting: the before/after of the 16-row tile kernel in one run")
+    with consts(L, **run9):
+        record("lightning decode B256, run-9 settings (round-to-nearest split, full-window grid one program an item, "
+               "tile 8 warps capped at 128)", c["decode_check"], c["decode"], c["decode_base"], None,
+               "fla fused_recurrent_simple_gla (g_gamma)",
+               note="not the shipped setting: the before of run 16 in the same run (other bits; the pending "
+                    "kernel is run 16's)")
     # the same decode call replayed from a CUDA graph (as a serving engine runs decode), both sides
     try:
         graphs = {}
@@ -564,21 +567,63 @@ LIGHTNING_VARIANTS = {
                dict(TILE_BV=64, TILE_WARPS=4, TILE_MAXNREG=None), dict(TILE_BV=32, TILE_WARPS=4, TILE_MAXNREG=128), dict()],
     # BLOCK_V = 32 in the full-window kernel faults (illegal memory access; tune1, ltune5): run apart
     "prefill32": [dict(BLOCK_V=32)],
+    # run 16 (kernels_gpu_h200_ltune16.json, before the truncating split): the full-window
+    # kernel's grid (FULL_PROGS_PER_SM; 0: one program a work item) moved no prefill time; a
+    # peeled loop (full windows, then the partial one) spilled more and ran 0.73-1.26 ms against
+    # 0.60, with or without next-window prefetch / hoisted intra table / 2 stages; one program a
+    # head (128 V-columns, 8 warps) 0.90. Those loop forms were removed; what is left to try:
+    "p2": [dict(FULL_PROGS_PER_SM=0), dict(TRUNC_SPLIT=False), dict(BLOCK_V=128, NUM_WARPS=8), dict()],
+    # run 16 decode: full-window grid 0 / 1 / 2 / 4 programs an SM 0.311 / 0.252 / 0.252 / 0.255 ms;
+    # tile kernel 4 warps capped at 168 0.236 against 8 warps capped at 128 0.252 (4 warps, no cap 0.264)
+    "d2": [dict(FULL_PROGS_PER_SM=0), dict(FULL_PROGS_PER_SM=1), dict(FULL_PROGS_PER_SM=4),
+           dict(TILE_WARPS=8, TILE_MAXNREG=128), dict(TILE_WARPS=4, TILE_MAXNREG=None), dict(TRUNC_SPLIT=False),
+           dict()],
 }
 
 
+def _lightning_warm(values):
+    """Worker: compile one variant's kernels (every call shape of the table) into the cache."""
+    from rl.kernels.triton import lightning as L
+    try:
+        c = lightning_cases()
+        with consts(L, **values):
+            c["prefill"]()
+            c["decode_fresh"]()
+            c["prefill_check"]()
+            c["decode_check"]()
+        torch.cuda.synchronize()
+        return None
+    except Exception as err:
+        return repr(err)[:300]
+
+
 def tune_lightning_split():
-    """Variant table (LVARIANTS=prefill,decode,prefill32): for each variant the bits against
-    the shipped settings (prefill output; decode output, state and pending after one call
-    from the same state), its own prefill/decode checks, then prefill and decode times."""
+    """Variant table (LVARIANTS=prefill,decode,prefill32,p2,d2): for each variant the bits
+    against the shipped settings (prefill output; decode output, state and pending after one
+    call from the same state), its own prefill/decode checks, then prefill and decode times;
+    fla's two baselines before and after the table. LPRECOMPILE=N compiles every variant
+    first in N spawned processes (the Triton cache then serves the timed process)."""
     import os
     from rl.kernels.triton import lightning as L
+    groups = os.environ.get("LVARIANTS", "prefill,decode").split(",")
+    if os.environ.get("LPRECOMPILE"):
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        t0 = time.time()
+        todo = [{}] + [v for g in groups for v in LIGHTNING_VARIANTS[g]]
+        with cf.ProcessPoolExecutor(max_workers=int(os.environ.get("LPRECOMPILE")), mp_context=mp.get_context("spawn")) as pool:
+            errs = list(pool.map(_lightning_warm, todo))
+        print(f"lightning precompile {len(todo)} variants {time.time() - t0:.1f}s; errors: "
+              f"{[(v, e) for v, e in zip(todo, errs) if e]}", flush=True)
     c = lightning_cases()
+    base = {"base_g_ms": tune_ms(c["base_g"], 100), "decode_base_ms": tune_ms(c["decode_base"], 100)}
+    print(f"tune lightning split: baselines {base}", flush=True)
+    RESULTS.append({"name": "tune lightning baselines (fla)", "result": base})
     ref_pre = c["prefill"]().clone()
     ref_dec = [x.clone() for x in c["decode_fresh"]()]
     torch.cuda.synchronize()
     rows = []
-    for group in os.environ.get("LVARIANTS", "prefill,decode").split(","):
+    for group in groups:
         for values in LIGHTNING_VARIANTS[group]:
             row = {"group": group, "variant": {k: str(v) for k, v in values.items()}}
             try:
@@ -598,6 +643,10 @@ def tune_lightning_split():
             print(f"tune lightning split: {row}", flush=True)
             RESULTS.append({"name": "tune lightning variant", "result": row})
             flush()
+    base = {"base_g_ms": tune_ms(c["base_g"], 100), "decode_base_ms": tune_ms(c["decode_base"], 100)}
+    print(f"tune lightning split: baselines again {base}", flush=True)
+    RESULTS.append({"name": "tune lightning baselines (fla), after the table", "result": base})
+    flush()
     return rows
 
 

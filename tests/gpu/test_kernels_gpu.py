@@ -266,9 +266,9 @@ def _slopes(h):
     return -torch.tensor([2 ** (-0.5 * (i + 1)) for i in range(h)], device=DEV) * 0.6
 
 
-@pytest.mark.parametrize("chunk", [64, 16])
-def test_lightning_prefill_decode_bitwise(chunk):
-    h, d = 16, 128
+@pytest.mark.parametrize("chunk,d", [(64, 128), (16, 128), (64, 64)])
+def test_lightning_prefill_decode_bitwise(chunk, d):
+    h = 16
     lengths = [1, 63, 64, 65, 200, 129, 7]
     n = sum(lengths)
     q, k = (torch.randn(n, h, d, device=DEV).mul(0.3).to(BF16) for _ in range(2))

@@ -7,13 +7,17 @@ in its window, with S the state at the window start:
     o_t = λ^{j+1}·scale·(q_t S) + Σ_{s<=j} (q_t·k_s)·λ^{j-s}·scale · v_s
 and at the end of a full window S ← λ^C S + Σ_s kᵀ_s (λ^{C-1-s} v_s).
 
-Two kernels, one program per (sequence, head, V-block) (a 1-D grid, the V-blocks of a head
-adjacent), each taking the sequences the other leaves:
+Two kernels, each work item a (sequence, head, V-block) (the V-blocks of a head adjacent in
+launch order), each taking the sequences the other leaves:
   - `_lightning_tile_kernel`: sequences whose new tokens lie in one Q_TILE-row query tile of
     one window (a decode step, a short chunk) compute only that tile: [Q_TILE, D] x [D, C],
     [Q_TILE, C] x [C, BV], [Q_TILE, D] x [D, BV] products (the cpu backend's Q_TILE rows too).
-  - `_lightning_kernel`: the rest; a program walks its sequence's windows in order, holding
-    S[:, V-block] in fp32 registers, every row of a window at once ([C, .] products).
+  - `_lightning_kernel`: the rest; an item walks its sequence's windows in order, holding
+    S[:, V-block] in fp32 registers, every row of a window at once ([C, .] products). Its grid
+    is at most FULL_PROGS_PER_SM programs an SM, each screening its items (item = pid + j·grid)
+    32 at a time from their sequences' lengths and running those with work: in a decode batch
+    (every item the tile kernel's) that costs a few vector loads instead of thousands of
+    launched 255-register programs that exit (run 16: decode 0.31 -> 0.25 ms).
 The per-request state holds S at the last window boundary plus the fp32 k/v of the ≤C-1
 tokens since (`pending`); both kernels rebuild the partial window from them. Rows of a window
 that are not (yet) there are zero and contribute exact zeros. A row's products are the same
@@ -33,8 +37,13 @@ gives the bits of the torch formulas on the same device.
 
 Precision: q·kᵀ on bf16 tensor cores (exact products, fp32 accumulate); products with an
 fp32 operand (the state S, the decayed scores P, the decayed values λ^{C-1-s} v_s) split that
-operand into SPLIT_PARTS bf16 parts (3 = fp32-accurate). fp32 model inputs use IEEE fp32 dots
-(and the full-window kernel only).
+operand into SPLIT_PARTS bf16 parts (3 = fp32-accurate), smallest part first. The split
+(`_split3`, TRUNC_SPLIT) truncates: hi = x with its low 16 bits cleared, mid = the same of
+x - hi, lo = the rest; both subtractions are exact and hi + mid + lo == x exactly (the
+round-to-nearest split of matmul.py is as accurate; truncation takes bit-ands and byte
+permutes instead of conversions: 8% fewer instructions in the window loop, run 16 prefill
+0.62 -> 0.59 ms). Both kernels use the same split, so their bits agree. fp32 model inputs
+use IEEE fp32 dots (and the full-window kernel only).
 Gradients (trainer, no state): fla's `chunk_simple_gla` with `g_gamma` when installed, else a
 torch chunk-form reference; correct, not bit-identical.
 """
@@ -50,38 +59,69 @@ from triton.language.extra import libdevice
 from rl.kernels.batch import BatchMeta
 from rl.kernels.cpu.lightning import decay_tables as cpu_decay_tables
 from rl.kernels.triton.autograd import with_reference_grad
-from rl.kernels.triton.matmul import MODE_BF16, MODE_IEEE, split_dot_a, split_dot_b
+from rl.kernels.triton.matmul import MODE_BF16, MODE_IEEE, split3
 
 # full-window kernel (H200 variant tables: bench/results/kernels_gpu_h200_tune4.json, tune5.json)
 BLOCK_V = 64      # 32: illegal memory access on the H200 (Triton 3.6, wgmma N = 32), tune1 and tune5
 SPLIT_PARTS = 3
+TRUNC_SPLIT = True   # fp32 operands split by truncation (exact: hi + mid + lo == x); False: round to nearest
 NUM_WARPS = 4     # 8 warps: 1 program an SM at 255 registers; 4: 2 programs, 35% faster (H200)
 NUM_STAGES = 1    # 2 stages: shared memory for 1 program an SM, slower
 MAXNREG = None    # register cap (None: the compiler's 255); 8 warps capped at 128: 2.8x slower (spills)
-# tile kernel: 64 V-columns a program, 8 warps capped at 128 registers (no spills), so 2
-# programs share an SM (128 columns, 255 registers: 1 an SM); tune5 (H200): decode 0.269 vs
-# 0.289 ms; 32 columns / 4 warps capped: 0.285-0.291 (kernels_gpu_h200_tune5.json)
+FULL_PROGS_PER_SM = 2   # grid of the full-window kernel: at most this many programs an SM (0: one a work item)
+# tile kernel: 64 V-columns a program, 4 warps capped at 168 registers, so 3 programs share
+# an SM (run 16: decode 0.236 vs 0.252 ms with 8 warps capped at 128, 2 an SM; tune5/run 9:
+# 128 columns / 8 warps / no cap 0.289-0.292; 32 columns / 4 warps capped 0.285-0.291)
 Q_TILE = 16       # Q_TILE >= C turns the tile kernel off (every sequence takes the full window)
 TILE_BV = 64
-TILE_WARPS = 8
-TILE_MAXNREG = 128
+TILE_WARPS = 4
+TILE_MAXNREG = 168
 
 
 @triton.jit
-def _mm_f32a(a, b, acc, MODE: tl.constexpr, PARTS: tl.constexpr):
+def _split3(x, TRUNC: tl.constexpr):
+    """fp32 -> bf16 parts hi, mid, lo. TRUNC: each part is the remainder so far with its low 16
+    bits cleared (so both subtractions are exact and hi + mid + lo == x exactly), taken as the
+    high half of its bits (two bit-ands, two subtractions, byte permutes to pack); else
+    `split3` (round to nearest, matmul.py)."""
+    if TRUNC:
+        xb = x.to(tl.uint32, bitcast=True)
+        r = x - (xb & 0xFFFF0000).to(tl.float32, bitcast=True)
+        rb = r.to(tl.uint32, bitcast=True)
+        lo = r - (rb & 0xFFFF0000).to(tl.float32, bitcast=True)
+        lb = lo.to(tl.uint32, bitcast=True)
+        return ((xb >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True),
+                (rb >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True),
+                (lb >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True))
+    else:
+        return split3(x)
+
+
+@triton.jit
+def _mm_f32a(a, b, acc, MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.constexpr):
+    """acc += a @ b, a fp32 (split into PARTS bf16 parts, smallest first), b bf16."""
     if MODE == 3:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
-        acc = split_dot_a(a, b, acc, PARTS)
+        a_hi, a_mid, a_lo = _split3(a, TRUNC)
+        if PARTS == 3:
+            acc = tl.dot(a_lo, b, acc)
+        acc = tl.dot(a_mid, b, acc)
+        acc = tl.dot(a_hi, b, acc)
     return acc
 
 
 @triton.jit
-def _mm_f32b(a, b, acc, MODE: tl.constexpr, PARTS: tl.constexpr):
+def _mm_f32b(a, b, acc, MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.constexpr):
+    """acc += a @ b, a bf16, b fp32 (split like `_mm_f32a`)."""
     if MODE == 3:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
-        acc = split_dot_b(a, b, acc, PARTS)
+        b_hi, b_mid, b_lo = _split3(b, TRUNC)
+        if PARTS == 3:
+            acc = tl.dot(a, b_lo, acc)
+        acc = tl.dot(a, b_mid, acc)
+        acc = tl.dot(a, b_hi, acc)
     return acc
 
 
@@ -116,12 +156,11 @@ def _fits_tile(pend, used, qlen, C: tl.constexpr, TQ: tl.constexpr):
 
 
 @triton.jit
-def _program(qsl_ptr, ctx_ptr, H, NV: tl.constexpr, C: tl.constexpr, HAS_STATE: tl.constexpr):
-    """This program's sequence, head and V-block (1-D grid, the V-blocks of a head adjacent in
+def _program(pid, qsl_ptr, ctx_ptr, H, NV: tl.constexpr, C: tl.constexpr, HAS_STATE: tl.constexpr):
+    """Work item pid's sequence, head and V-block (1-D grid, the V-blocks of a head adjacent in
     launch order, so they read its q/k and pending rows close together in time, through L2),
     and its sequence's first new token, new-token count, context, pending rows and window rows
     in use (pending + new)."""
-    pid = tl.program_id(0)
     vb = pid % NV
     h = (pid // NV) % H
     seq = pid // (NV * H)
@@ -153,61 +192,113 @@ def _decay_tables_kernel(ld_ptr, qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr, scale,
 
 
 @triton.jit
-def _lightning_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl_ptr, ctx_ptr,
-                      qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
-                      s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H,
-                      D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
-                      MODE: tl.constexpr, PARTS: tl.constexpr, TILE: tl.constexpr, TQ: tl.constexpr):
-    seq, h, vb, start, qlen, ctx, pend, used = _program(qsl_ptr, ctx_ptr, H, D // BV, C, HAS_STATE)
-    run = qlen > 0
-    if TILE:   # sequences that fit one tile are the tile kernel's
-        run = run & (not _fits_tile(pend, used, qlen, C, TQ))
-    if run:
-        n_win = tl.cdiv(used, C)
-        n_full = used // C
-        ci = tl.arange(0, C)
-        di = tl.arange(0, D)
-        vi = vb * BV + tl.arange(0, BV)
-        q_decay = tl.load(qdec_ptr + h * C + ci)                    # λ^{j+1}·scale
-        k_decay = tl.load(kdec_ptr + h * C + ci)                    # λ^{C-1-s}
-        w_decay = tl.load(wdec_ptr + h)                             # λ^C
-        intra = tl.load(intra_ptr + h * C * C + ci[:, None] * C + ci[None, :])   # λ^{j-s}·scale, s<=j
-        s_off = di[:, None] * D + vi[None, :]
-        p_base = pend_ptr
-        if HAS_STATE:
-            slot = tl.load(sidx_ptr + seq).to(tl.int64)
-            s_base = s_ptr + (slot * H + h) * D * D
-            p_base = pend_ptr + (slot * H + h) * C * 2 * D
-            S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
-        else:
-            S = tl.zeros((D, BV), dtype=tl.float32)
-        # window 0 holds the pending rows (if any)
-        is_pend = ci < pend
-        is_new = (ci >= pend) & (ci < used)
-        tok = tl.where(is_new, start + ci - pend, 0).to(tl.int64)
-        q = _rows(q_ptr, tok, s_qn, s_qh, h, di, is_new)
+def _load_window(q_ptr, k_ptr, v_ptr, p_base, w, start, pend, used, h, ci, di, vi,
+                 s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, D: tl.constexpr, HAS_STATE: tl.constexpr):
+    """Rows of window w (C rows at absolute offsets w·C + ci from the first pending row): the
+    new tokens' q/k/v, the pending k/v of the first window from the state, zeros elsewhere;
+    with the rows' token index and new-row mask."""
+    p = w * ci.shape[0] + ci
+    is_new = (p >= pend) & (p < used)
+    tok = tl.where(is_new, start + p - pend, 0).to(tl.int64)
+    q = _rows(q_ptr, tok, s_qn, s_qh, h, di, is_new)
+    if HAS_STATE:
+        is_pend = p < pend
         k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, ci[:, None] * 2 * D + di[None, :],
                          is_pend, q.dtype, HAS_STATE)
         v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, ci[:, None] * 2 * D + D + vi[None, :],
                          is_pend, q.dtype, HAS_STATE)
-        for w in range(0, n_win):
-            scores = _qk(q, k, MODE) * intra
-            inter = _mm_f32b(q, S, tl.zeros((C, BV), dtype=tl.float32), MODE, PARTS)
-            out = _mm_f32a(scores, v, inter * q_decay[:, None], MODE, PARTS)
-            tl.store(o_ptr + (tok[:, None] * H + h) * D + vi[None, :], out.to(o_ptr.dtype.element_ty),
-                     mask=is_new[:, None])
-            if w < n_full:
-                v_dec = v.to(tl.float32) * k_decay[:, None]
-                S = _mm_f32b(tl.trans(k), v_dec, S * w_decay, MODE, PARTS)
-            p = (w + 1) * C + ci
-            is_new = p < used
-            tok = tl.where(is_new, start + p - pend, 0).to(tl.int64)
-            q = _rows(q_ptr, tok, s_qn, s_qh, h, di, is_new)
-            k = _rows(k_ptr, tok, s_kn, s_kh, h, di, is_new)
-            v = _rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new)
+    else:
+        k = _rows(k_ptr, tok, s_kn, s_kh, h, di, is_new)
+        v = _rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new)
+    return q, k, v, tok, is_new
+
+
+@triton.jit
+def _lightning_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl_ptr, ctx_ptr,
+                      qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
+                      s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, n_items,
+                      D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
+                      MODE: tl.constexpr, PARTS: tl.constexpr, TILE: tl.constexpr, TQ: tl.constexpr,
+                      ITEMS: tl.constexpr, TRUNC: tl.constexpr):
+    """Work items (sequence, head, V-block) item = pid + j·grid, j = 0, 1, ...: the grid may be
+    smaller than the item count, so that items the tile kernel took (a decode batch: all of
+    them) cost a few vector loads instead of a launched program each. ITEMS of a program's
+    items are screened at once (their sequences' lengths in one load), then those with work
+    run one after another."""
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    NV: tl.constexpr = D // BV
+    jj = tl.arange(0, ITEMS)
+    for base in range(0, tl.cdiv(n_items - pid, grid), ITEMS):
+        item = pid + (base + jj) * grid
+        ok = item < n_items
+        sq = tl.where(ok, item // (NV * H), 0)
+        st = tl.load(qsl_ptr + sq, mask=ok, other=0)
+        ql = tl.load(qsl_ptr + sq + 1, mask=ok, other=0) - st
         if HAS_STATE:
-            if (n_full > 0) | (ctx == 0):
-                tl.store(s_base + s_off, S)
+            pd = tl.load(ctx_ptr + sq, mask=ok, other=0) % C
+        else:
+            pd = ql * 0
+        todo = ok & (ql > 0)
+        if TILE:   # sequences that fit one tile are the tile kernel's
+            todo = todo & (not _fits_tile(pd, pd + ql, ql, C, TQ))
+        if tl.sum(todo.to(tl.int32)) > 0:
+            for i in range(0, ITEMS):
+                if tl.sum(tl.where(jj == i, todo, False).to(tl.int32)) > 0:
+                    seq, h, vb, start, qlen, ctx, pend, used = _program(pid + (base + i) * grid, qsl_ptr, ctx_ptr,
+                                                                        H, NV, C, HAS_STATE)
+                    _full_item(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr,
+                               intra_ptr, wdec_ptr, s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start,
+                               ctx, pend, used, D, C, BV, HAS_STATE, MODE, PARTS, TRUNC)
+
+
+@triton.jit
+def _full_item(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
+               s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start, ctx, pend, used,
+               D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
+               MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.constexpr):
+    """One (sequence, head, V-block): its windows in order, S[:, V-block] in registers."""
+    n_win = tl.cdiv(used, C)
+    n_full = used // C
+    ci = tl.arange(0, C)
+    di = tl.arange(0, D)
+    vi = vb * BV + tl.arange(0, BV)
+    q_decay = tl.load(qdec_ptr + h * C + ci)                    # λ^{j+1}·scale
+    k_decay = tl.load(kdec_ptr + h * C + ci)                    # λ^{C-1-s}
+    w_decay = tl.load(wdec_ptr + h)                             # λ^C
+    intra = tl.load(intra_ptr + h * C * C + ci[:, None] * C + ci[None, :])   # λ^{j-s}·scale, s<=j
+    s_off = di[:, None] * D + vi[None, :]
+    p_base = pend_ptr
+    s_base = s_ptr
+    if HAS_STATE:
+        slot = tl.load(sidx_ptr + seq).to(tl.int64)
+        s_base = s_ptr + (slot * H + h) * D * D
+        p_base = pend_ptr + (slot * H + h) * C * 2 * D
+        S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
+    else:
+        S = tl.zeros((D, BV), dtype=tl.float32)
+    # window 0 holds the pending rows (if any); the next window's rows are loaded at the end
+    # of the current one
+    q, k, v, tok, is_new = _load_window(q_ptr, k_ptr, v_ptr, p_base, 0, start, pend, used, h, ci, di, vi,
+                                        s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, D, HAS_STATE)
+    for w in range(0, n_win):
+        scores = _qk(q, k, MODE) * intra
+        inter = _mm_f32b(q, S, tl.zeros((C, BV), dtype=tl.float32), MODE, PARTS, TRUNC)
+        out = _mm_f32a(scores, v, inter * q_decay[:, None], MODE, PARTS, TRUNC)
+        tl.store(o_ptr + (tok[:, None] * H + h) * D + vi[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=is_new[:, None])
+        if w < n_full:
+            v_dec = v.to(tl.float32) * k_decay[:, None]
+            S = _mm_f32b(tl.trans(k), v_dec, S * w_decay, MODE, PARTS, TRUNC)
+        p = (w + 1) * C + ci
+        is_new = p < used
+        tok = tl.where(is_new, start + p - pend, 0).to(tl.int64)
+        q = _rows(q_ptr, tok, s_qn, s_qh, h, di, is_new)
+        k = _rows(k_ptr, tok, s_kn, s_kh, h, di, is_new)
+        v = _rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new)
+    if HAS_STATE:
+        if (n_full > 0) | (ctx == 0):
+            tl.store(s_base + s_off, S)
 
 
 @triton.jit
@@ -215,14 +306,14 @@ def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr
                            qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
                            s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H,
                            D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, TQ: tl.constexpr,
-                           HAS_STATE: tl.constexpr, MODE: tl.constexpr, PARTS: tl.constexpr):
+                           HAS_STATE: tl.constexpr, MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.constexpr):
     """Sequences whose new tokens lie in one TQ-row tile of one window (decode steps, short
     chunks): only that tile's rows, from the window's k/v (pending + new) and S, with the full
     window's products restricted to TQ rows. The new rows join `pending` here (rows >= pend,
     which no program of this launch reads). Operands are loaded where they are used, and
     reloaded for the rare window-completing state update, to keep few registers live (loading
     k, S and v together up front was 3% slower on the H200, tune5)."""
-    seq, h, vb, start, qlen, ctx, pend, used = _program(qsl_ptr, ctx_ptr, H, D // BV, C, HAS_STATE)
+    seq, h, vb, start, qlen, ctx, pend, used = _program(tl.program_id(0), qsl_ptr, ctx_ptr, H, D // BV, C, HAS_STATE)
     if _fits_tile(pend, used, qlen, C, TQ):
         ci = tl.arange(0, C)
         di = tl.arange(0, D)
@@ -249,9 +340,9 @@ def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr
             S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
         else:
             S = tl.zeros((D, BV), dtype=tl.float32)
-        inter = _mm_f32b(q, S, tl.zeros((TQ, BV), dtype=tl.float32), MODE, PARTS)
+        inter = _mm_f32b(q, S, tl.zeros((TQ, BV), dtype=tl.float32), MODE, PARTS, TRUNC)
         v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
-        out = _mm_f32a(scores, v, inter * tl.load(qdec_ptr + h * C + ti)[:, None], MODE, PARTS)
+        out = _mm_f32a(scores, v, inter * tl.load(qdec_ptr + h * C + ti)[:, None], MODE, PARTS, TRUNC)
         tl.store(o_ptr + (q_tok[:, None] * H + h) * D + vi[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=q_new[:, None])
         if HAS_STATE:
@@ -260,7 +351,7 @@ def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr
                 v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
                 S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
                 v_dec = v.to(tl.float32) * tl.load(kdec_ptr + h * C + ci)[:, None]
-                S = _mm_f32b(tl.trans(k), v_dec, S * tl.load(wdec_ptr + h), MODE, PARTS)
+                S = _mm_f32b(tl.trans(k), v_dec, S * tl.load(wdec_ptr + h), MODE, PARTS, TRUNC)
                 tl.store(s_base + s_off, S)
             else:
                 if ctx == 0:    # a fresh slot starts from zero whatever it held
@@ -273,33 +364,43 @@ def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr
 
 
 @triton.jit
-def _pending_kernel(k_ptr, v_ptr, pend_ptr, sidx_ptr, qsl_ptr, ctx_ptr, s_kn, s_kh, s_vn, s_vh, H,
-                    D: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, TQ: tl.constexpr):
+def _pending_kernel(k_ptr, v_ptr, pend_ptr, sidx_ptr, qsl_ptr, ctx_ptr, s_kn, s_kh, s_vn, s_vh, H, num_seqs,
+                    D: tl.constexpr, C: tl.constexpr, TILE: tl.constexpr, TQ: tl.constexpr, ITEMS: tl.constexpr):
     """After `_lightning_kernel`: the new rows of each sequence's partial last window join
     `pending` at their window offsets. A separate launch, because the main kernel's V-block
     programs read old pending rows that these writes may overwrite. Sequences that fit one
-    tile wrote theirs in the tile kernel."""
-    seq = tl.program_id(0)
+    tile wrote theirs in the tile kernel. One program per ITEMS sequences and head: their
+    lengths are screened in one load, then the sequences with rows to write are done in turn."""
+    blk = tl.program_id(0)
     h = tl.program_id(1)
-    start = tl.load(qsl_ptr + seq)
-    qlen = tl.load(qsl_ptr + seq + 1) - start
-    pend = tl.load(ctx_ptr + seq) % C
-    used = pend + qlen
-    run = (qlen > 0) & (used % C > 0)
+    jj = tl.arange(0, ITEMS)
+    sq = blk * ITEMS + jj
+    ok = sq < num_seqs
+    st = tl.load(qsl_ptr + sq, mask=ok, other=0)
+    ql = tl.load(qsl_ptr + sq + 1, mask=ok, other=0) - st
+    pd = tl.load(ctx_ptr + sq, mask=ok, other=0) % C
+    todo = ok & (ql > 0) & ((pd + ql) % C > 0)
     if TILE:
-        run = run & (not _fits_tile(pend, used, qlen, C, TQ))
-    if run:
-        ci = tl.arange(0, C)
-        di = tl.arange(0, D)
-        p = (used // C) * C + ci
-        is_new = (p >= pend) & (p < used)
-        tok = tl.where(is_new, start + p - pend, 0).to(tl.int64)
-        k = _rows(k_ptr, tok, s_kn, s_kh, h, di, is_new)
-        v = _rows(v_ptr, tok, s_vn, s_vh, h, di, is_new)
-        slot = tl.load(sidx_ptr + seq).to(tl.int64)
-        p_base = pend_ptr + (slot * H + h) * C * 2 * D
-        tl.store(p_base + ci[:, None] * 2 * D + di[None, :], k.to(tl.float32), mask=is_new[:, None])
-        tl.store(p_base + ci[:, None] * 2 * D + D + di[None, :], v.to(tl.float32), mask=is_new[:, None])
+        todo = todo & (not _fits_tile(pd, pd + ql, ql, C, TQ))
+    if tl.sum(todo.to(tl.int32)) > 0:
+        for i in range(0, ITEMS):
+            if tl.sum(tl.where(jj == i, todo, False).to(tl.int32)) > 0:
+                seq = blk * ITEMS + i
+                start = tl.load(qsl_ptr + seq)
+                qlen = tl.load(qsl_ptr + seq + 1) - start
+                pend = tl.load(ctx_ptr + seq) % C
+                used = pend + qlen
+                ci = tl.arange(0, C)
+                di = tl.arange(0, D)
+                p = (used // C) * C + ci
+                is_new = (p >= pend) & (p < used)
+                tok = tl.where(is_new, start + p - pend, 0).to(tl.int64)
+                k = _rows(k_ptr, tok, s_kn, s_kh, h, di, is_new)
+                v = _rows(v_ptr, tok, s_vn, s_vh, h, di, is_new)
+                slot = tl.load(sidx_ptr + seq).to(tl.int64)
+                p_base = pend_ptr + (slot * H + h) * C * 2 * D
+                tl.store(p_base + ci[:, None] * 2 * D + di[None, :], k.to(tl.float32), mask=is_new[:, None])
+                tl.store(p_base + ci[:, None] * 2 * D + D + di[None, :], v.to(tl.float32), mask=is_new[:, None])
 
 
 def decay_tables(log_decay: torch.Tensor, chunk: int, scale: float):
@@ -322,6 +423,11 @@ def gpu_decay_tables(log_decay: torch.Tensor, chunk: int, scale: float):
     _decay_tables_kernel[(h,)](log_decay.float().contiguous(), q_dec, k_dec, intra, w_dec, scale, C=c,
                                num_warps=4)
     return q_dec, k_dec, intra, w_dec
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _lightning_fast(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
@@ -357,15 +463,18 @@ def _lightning_fast(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
     if tile:
         _lightning_tile_kernel[(batch.num_seqs * h * (d // tbv),)](
             *args, D=d, C=chunk_size, BV=tbv, TQ=tq, HAS_STATE=has_state, MODE=mode, PARTS=SPLIT_PARTS,
-            num_warps=TILE_WARPS, num_stages=1, maxnreg=TILE_MAXNREG)
-    _lightning_kernel[(batch.num_seqs * h * (d // bv),)](
-        *args, D=d, C=chunk_size, BV=bv, HAS_STATE=has_state, MODE=mode, PARTS=SPLIT_PARTS,
-        TILE=tile, TQ=tq, num_warps=NUM_WARPS, num_stages=NUM_STAGES, maxnreg=MAXNREG)
+            TRUNC=TRUNC_SPLIT, num_warps=TILE_WARPS, num_stages=1, maxnreg=TILE_MAXNREG)
+    n_items = batch.num_seqs * h * (d // bv)
+    grid = n_items if FULL_PROGS_PER_SM <= 0 else max(1, min(n_items, FULL_PROGS_PER_SM * _num_sms(q.device)))
+    _lightning_kernel[(grid,)](
+        *args, n_items, D=d, C=chunk_size, BV=bv, HAS_STATE=has_state, MODE=mode, PARTS=SPLIT_PARTS,
+        TILE=tile, TQ=tq, ITEMS=32, TRUNC=TRUNC_SPLIT, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES, maxnreg=MAXNREG)
     if has_state:
-        _pending_kernel[(batch.num_seqs, h)](
+        _pending_kernel[(triton.cdiv(batch.num_seqs, 32), h)](
             k, v, pend_pool, sidx, batch.query_start_loc, batch.context_lens,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), h, D=d, C=chunk_size, TILE=tile, TQ=tq,
-            num_warps=4)
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), h, batch.num_seqs, D=d, C=chunk_size, TILE=tile,
+            TQ=tq, ITEMS=32, num_warps=4)
     return o
 
 
