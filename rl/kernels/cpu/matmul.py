@@ -24,6 +24,7 @@ The output is rounded to `out_dtype`.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -116,13 +117,39 @@ def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out[:m]
 
 
-# -- weights packed once for inference ---------------------------------------------------------
+# -- copies derived from weights, kept for inference -------------------------------------------
+# One freshness rule for every such copy (oneDNN packs here, stacked experts in moe.py): a copy
+# records the very tensors it was made from and their version counters, and is used only while
+# each source is the same object at the same version. It is built only where an inference
+# engine asks (`prepack`, `moe.prepack_experts`), never lazily in a forward: a trainer's weights
+# change through `.data` (DeepSpeed, no version bump) or get new storage (ZeRO-3).
+
+def keep_derived(holder: torch.Tensor, key: str, sources, value) -> None:
+    """Keep `value`, made from the tensors `sources`, on `holder` under attribute `key`."""
+    sources = tuple(sources)
+    setattr(holder, key, (tuple(weakref.ref(t) for t in sources), tuple(t._version for t in sources), value))
+
+
+def current_derived(holder: torch.Tensor, key: str, sources):
+    """The value `keep_derived` left on `holder` under `key` if it was made from exactly
+    `sources` (same objects, same versions now); else None (none, or stale)."""
+    entry = getattr(holder, key, None)
+    if entry is None:
+        return None
+    refs, versions, value = entry
+    if len(refs) != len(sources):
+        return None
+    for ref, version, t in zip(refs, versions, sources):
+        if ref() is not t or t._version != version:
+            return None
+    return value
+
+
 # oneDNN re-orders a bf16 weight into its AMX layout on every `torch.mm`; for a weight that
 # does not change (the rollout engine between weight updates) the re-ordered copy can be kept.
 # The product is the same oneDNN kernel on the same tiles, so the bits are the unpacked
 # product's (tests/test_kernels_invariance.py checks every model shape, 1/2/4 threads); the
-# trainer never packs. A pack records the weight's version counter and is ignored once the
-# weight is changed in place.
+# trainer never packs.
 _PACK_ATTR = "_lockstep_onednn_pack"
 # the resolved overloads: calling through the op packet costs ~20 us of Python per call
 try:
@@ -140,16 +167,15 @@ def prepack(weights) -> int:
     count = 0
     for w in weights:
         if w.dtype == torch.bfloat16 and w.dim() == 2 and w.device.type == "cpu":
-            setattr(w, _PACK_ATTR, (w._version, _pack(w.detach(), TILE_M)))
+            keep_derived(w, _PACK_ATTR, (w,), _pack(w.detach(), TILE_M))
             count += 1
     return count
 
 
 def _packed(weight: torch.Tensor):
-    entry = getattr(weight, _PACK_ATTR, None)
-    if entry is None or entry[0] != weight._version or (weight.requires_grad and torch.is_grad_enabled()):
+    if weight.requires_grad and torch.is_grad_enabled():
         return None
-    return entry[1]
+    return current_derived(weight, _PACK_ATTR, (weight,))
 
 
 def _forward(x2d: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
