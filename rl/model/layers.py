@@ -59,8 +59,14 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate)
         self.down_proj = Linear(intermediate, hidden)
 
+    def fused_groups(self) -> list[list[torch.Tensor]]:
+        """Projections of one input, for an inference engine's `K.prepack_fused`."""
+        return [[self.gate_proj.weight, self.up_proj.weight]]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = K.silu(self.gate_proj(x).float()) * self.up_proj(x).float()
+        fused = K.fused_linear(x, [self.gate_proj.weight, self.up_proj.weight])
+        gate, up = fused if fused is not None else (self.gate_proj(x), self.up_proj(x))
+        act = K.silu(gate.float()) * up.float()
         return self.down_proj(act.to(x.dtype))
 
 
@@ -112,17 +118,23 @@ class LinearAttention(nn.Module):
         h, d = self.num_heads, self.head_dim
         return (h, d, d), (h, self.chunk_size, 2 * d)
 
+    def fused_groups(self) -> list[list[torch.Tensor]]:
+        """Projections of one input, for an inference engine's `K.prepack_fused`."""
+        return [[self.query_key_value.weight, self.g_proj.weight]]
+
     def forward(self, x: torch.Tensor, batch: BatchMeta, positions: torch.Tensor, state=None) -> torch.Tensor:
         n = x.shape[0]
         h, d = self.num_heads, self.head_dim
-        q, k, v = self.query_key_value(x).view(n, 3, h, d).unbind(1)
+        fused = K.fused_linear(x, [self.query_key_value.weight, self.g_proj.weight])
+        qkv, gate = fused if fused is not None else (self.query_key_value(x), None)
+        q, k, v = qkv.view(n, 3, h, d).unbind(1)
         if self.use_qk_norm:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         q = K.rope(q, positions, self.rotary_dim, self.rope_theta)
         k = K.rope(k, positions, self.rotary_dim, self.rope_theta)
         log_decay = torch.tensor(self.log_decay_values, dtype=torch.float32, device=x.device)
         o = K.lightning_attention(q, k, v, log_decay, batch, state, self.chunk_size)
-        o = self.g_norm(o.reshape(n, h * d), self.g_proj(x))
+        o = self.g_norm(o.reshape(n, h * d), self.g_proj(x) if gate is None else gate)
         return self.dense(o)
 
 
