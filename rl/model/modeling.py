@@ -108,7 +108,7 @@ class BailingMoeLinearV2ForCausalLM(BailingMoeLinearV2PreTrainedModel, Generatio
         A pack of a weight changed in place since is ignored by the kernels. Returns the
         number of packed projections."""
         routed = {id(e) for m in self.modules() if isinstance(m, MoE) for e in m.experts}   # moe_experts' own
-        groups = [g for m in self.modules() if isinstance(m, (LinearAttention, MLP)) and id(m) not in routed
+        groups = [g for m in self.modules() if isinstance(m, (LinearAttention, SoftmaxAttention, MLP)) and id(m) not in routed
                   for g in m.fused_groups()]
         fused = {id(w) for g, kept in zip(groups, K.prepack_fused(groups)) if kept for w in g}
         count = len(fused) + K.prepack(m.weight for m in self.modules()

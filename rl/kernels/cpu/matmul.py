@@ -195,7 +195,7 @@ def prepack_fused(groups) -> list[bool]:
     kept = []
     for group in groups:
         group = tuple(group)
-        ok = (_pack is not None and torch.backends.mkldnn.is_available() and len(group) > 1
+        ok = (_pack is not None and torch.backends.mkldnn.is_available() and len(group) >= 1
               and all(w.dtype == torch.bfloat16 and w.dim() == 2 and w.device.type == "cpu"
                       and w.shape[1] == group[0].shape[1] for w in group))
         if ok:
