@@ -82,6 +82,9 @@ def test_fused_linear_gives_each_projections_bits(k, sizes):
         with torch.inference_mode():                      # as vLLM runs the model
             assert_bits_equal(torch.cat(K.fused_linear(x, ws), 1), plain, f"fused vs plain {sizes}x{k}")
     assert K.fused_linear(x.clone().requires_grad_(), ws) is None
+    ws[0].requires_grad_()                                # a trainable weight: autograd must see it
+    assert K.fused_linear(x, ws) is None
+    ws[0].requires_grad_(False)
     with torch.no_grad():
         ws[1].mul_(2.0)                                   # an in-place change: the copy is stale
         assert K.fused_linear(x, ws) is None

@@ -210,7 +210,8 @@ def fused_linear(x: torch.Tensor, weights) -> list[torch.Tensor] | None:
     """[x @ w.T for w in weights] (bf16) as one product where `prepack_fused` left a current
     packed copy of exactly this group and no gradient is needed; else None (the caller runs its
     projections one by one). The parts are column slices of one output."""
-    if x.dtype != torch.bfloat16 or (torch.is_grad_enabled() and x.requires_grad):
+    if x.dtype != torch.bfloat16 or (torch.is_grad_enabled()
+                                     and (x.requires_grad or any(w.requires_grad for w in weights))):
         return None
     packed = current_derived(weights[0], _FUSED_ATTR, weights)
     if packed is None:
