@@ -12,7 +12,9 @@ Masked keys contribute exactly +0.0, so a row's bits do not depend on how many p
 blocks share the call: a decode row equals the same row inside a full prefill, chunked prefill
 at any split, or a recompute after preemption. K/V are written to the cache (in the cache
 dtype) before attention reads them; without a cache (the trainer), K/V are used as given,
-which is the same values because the cache dtype is the model dtype.
+which is the same values because the cache dtype is the model dtype. Decode steps over pages
+of whole key blocks (vLLM's) take `_decode_paged`: the same per-block arithmetic on each
+sequence's own blocks only, summed as here.
 """
 from __future__ import annotations
 
