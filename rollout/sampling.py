@@ -56,18 +56,60 @@ def request_seed(seed: int, prompt_index: int, sample_index: int = 0) -> int:
     return derive_seed(derive_seed(seed, prompt_index), sample_index)
 
 
+def _as_i32(x: torch.Tensor) -> torch.Tensor:
+    """int64 values < 2^32 as int32 holding the same 32 bits (values >= 2^31 read negative)."""
+    return torch.where(x >= 2 ** 31, x - 2 ** 32, x).to(torch.int32)
+
+
+def _mix32_i32_(x: torch.Tensor) -> torch.Tensor:
+    """`_mix32` in place on an int32 tensor holding 32-bit patterns: the same function at half
+    the memory traffic of int64 (the [rows, vocab] noise is most of a sampling step). A logical
+    shift is the arithmetic one masked to its low 16 bits; int32 products wrap, i.e. keep the
+    low 32 bits, which is the int64 form's `& 0xFFFFFFFF` (tests compare the two bit for bit)."""
+    t = torch.empty_like(x)
+    for _ in range(2):
+        torch.bitwise_right_shift(x, 16, out=t)
+        x.bitwise_xor_(t.bitwise_and_(0xFFFF)).mul_(0x45D9F3B)
+    torch.bitwise_right_shift(x, 16, out=t)
+    return x.bitwise_xor_(t.bitwise_and_(0xFFFF))
+
+
 @functools.lru_cache(maxsize=8)
 def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
     return _mix32(torch.arange(vocab, dtype=torch.int64, device=device) + 0x2545F491)
 
 
-def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """float64 [R, vocab] Gumbel(0, 1) noise; row r is a function of (seeds[r], positions[r])."""
-    device = seeds.device
+@functools.lru_cache(maxsize=8)
+def _token_hashes_i32(vocab: int, device: torch.device) -> torch.Tensor:
+    return _as_i32(_token_hashes(vocab, device))
+
+
+def _row_hashes(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     seeds, positions = seeds.to(torch.int64), positions.to(torch.int64)
-    row = _mix32(_mix32((seeds & _M32) ^ _mix32(seeds >> 32)) ^ (positions & _M32))
-    bits = _mix32_(row[:, None] ^ _token_hashes(vocab, device)[None, :])
-    u = bits.to(torch.float64).add_(0.5).mul_(1.0 / 4294967296.0)        # in (0, 1)
+    return _mix32(_mix32((seeds & _M32) ^ _mix32(seeds >> 32)) ^ (positions & _M32))
+
+
+def _uniform_bits(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 [R, vocab]: the noise's 32 random bits per (row, token), as int32 patterns."""
+    row = _as_i32(_row_hashes(seeds, positions))
+    return _mix32_i32_(row[:, None] ^ _token_hashes_i32(vocab, seeds.device)[None, :])
+
+
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float64 [R, vocab] Gumbel(0, 1) noise; row r is a function of (seeds[r], positions[r]).
+    u = (bits + 0.5) / 2^32 with bits the unsigned 32-bit hash: flipping the top bit of the
+    int32 pattern gives bits - 2^31 as a signed value, so u = (that + 2^31 + 0.5) / 2^32,
+    exact in float64 (the same u as the int64 form, `_gumbel_noise_int64`)."""
+    bits = _uniform_bits(seeds, positions, vocab).bitwise_xor_(-2 ** 31)
+    u = bits.to(torch.float64).add_(2 ** 31 + 0.5).mul_(1.0 / 4294967296.0)        # in (0, 1)
+    return u.log_().neg_().log_().neg_()
+
+
+def _gumbel_noise_int64(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The noise's defining form, all in int64 (kept as the reference the tests compare with)."""
+    row = _row_hashes(seeds, positions)
+    bits = _mix32_(row[:, None] ^ _token_hashes(vocab, seeds.device)[None, :])
+    u = bits.to(torch.float64).add_(0.5).mul_(1.0 / 4294967296.0)
     return u.log_().neg_().log_().neg_()
 
 
@@ -94,4 +136,4 @@ def sample(logprobs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
         top_p = torch.ones(rows, dtype=torch.float64) if top_p is None else top_p
         logprobs = restrict(logprobs, top_k, top_p)
     noise = gumbel_noise(seeds.to(logprobs.device), positions.to(logprobs.device), logprobs.shape[-1])
-    return noise.add_(logprobs.double()).argmax(dim=-1)
+    return noise.add_(logprobs).argmax(dim=-1)        # added in float64 (fp32 widens exactly)

@@ -64,6 +64,33 @@ def test_prepacked_linear_gives_the_plain_bits(n, k):
     assert_bits_equal(K.linear(x, w), K.linear(x, w.clone()), "after an in-place update")
 
 
+@pytest.mark.parametrize("k,sizes", [(128, (384, 128)), (128, (256, 256)), (128, (64, 64)), (1024, (3072, 1024)),
+                                     (1024, (2816, 2816)), (1024, (512, 512))], ids=lambda v: str(v))
+def test_fused_linear_gives_each_projections_bits(k, sizes):
+    """The rollout engine runs the projections of one input (q/k/v + output gate, an MLP's gate
+    + up) as one packed product (K.prepack_fused); each part's columns must be bit-identical to
+    the trainer's own unpacked product, at every M and thread count; a trainer (no prepare),
+    autograd or a weight changed in place since gets None (its modules run one by one)."""
+    ws = [(torch.randn(n, k) * 0.05).bfloat16() for n in sizes]
+    x = torch.randn(1000, k).bfloat16()
+    with torch.no_grad():
+        assert K.fused_linear(x, ws) is None              # never prepared: nothing kept
+    plain = torch.cat([K.linear(x, w) for w in ws], 1)
+    assert K.prepack_fused([ws]) == [True]
+    with torch.no_grad():
+        rows_invariant(lambda t: torch.cat(K.fused_linear(t, ws), 1), x, f"fused linear {sizes}x{k}")
+        with torch.inference_mode():                      # as vLLM runs the model
+            assert_bits_equal(torch.cat(K.fused_linear(x, ws), 1), plain, f"fused vs plain {sizes}x{k}")
+    assert K.fused_linear(x.clone().requires_grad_(), ws) is None
+    ws[0].requires_grad_()                                # a trainable weight: autograd must see it
+    assert K.fused_linear(x, ws) is None
+    ws[0].requires_grad_(False)
+    with torch.no_grad():
+        ws[1].mul_(2.0)                                   # an in-place change: the copy is stale
+        assert K.fused_linear(x, ws) is None
+        assert K.fused_linear(x, [ws[0], ws[1].clone()]) is None      # other tensors: not this copy
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("d", [128, 399, 400, 1024], ids=lambda v: f"D{v}")
 def test_rms_norm_batch_invariant(dtype, d):

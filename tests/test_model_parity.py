@@ -80,3 +80,29 @@ def test_request_result_independent_of_batch(tiny_model):
     assert front[2].tokens == together[2].tokens
     assert_bits_equal(torch.tensor(front[2].logprobs), torch.tensor(together[2].logprobs), "request 2")
     assert len(alone[0].tokens) == 16
+
+
+def test_engine_prepared_model_equals_trainer_forward(tiny_model):
+    """What an inference engine runs after `prepack_for_inference` (packed projections, the
+    projections of one input as one product, q/k norm + RoPE in one call each, stacked experts)
+    reports the trainer's bits: reference decode of the prepared model == the unprepared
+    model's decode == the trainer forward. A trainer (never prepared) keeps the module path."""
+    import copy
+
+    from rl import kernels as K
+    engine = copy.deepcopy(tiny_model)
+    assert engine.prepack_for_inference() > 0
+    layer = engine.model.layers[0].attention
+    x = torch.zeros(3, engine.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert K.fused_linear(x, [layer.query_key_value.weight, layer.g_proj.weight]) is not None
+        assert K.fused_linear(x, [tiny_model.model.layers[0].attention.query_key_value.weight,
+                                  tiny_model.model.layers[0].attention.g_proj.weight]) is None
+    prompts = _prompts(10, 8)
+    prepared = generate(engine, prompts, 24, 1.0, seed=4)
+    plain = generate(tiny_model, prompts, 24, 1.0, seed=4)
+    for i, (a, b) in enumerate(zip(prepared, plain)):
+        assert a.tokens == b.tokens, f"sample {i}: the prepared model sampled other tokens"
+        assert_bits_equal(torch.tensor(a.logprobs), torch.tensor(b.logprobs), f"sample {i} prepared")
+    for i, (g, lp) in enumerate(zip(prepared, _trainer_logprobs(tiny_model, prepared, 1.0))):
+        assert_bits_equal(torch.tensor(g.logprobs, dtype=torch.float32), lp, f"prepared sample {i} vs trainer")

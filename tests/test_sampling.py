@@ -81,3 +81,19 @@ def test_noise_is_the_plain_formula():
     tok = torch.arange(1000, dtype=torch.int64)
     u = (_mix32(row[:, None] ^ _mix32(tok + 0x2545F491)[None, :]).double() + 0.5) / 4294967296.0
     assert_bits_equal(gumbel_noise(seeds, positions, 1000), -torch.log(-torch.log(u)), "gumbel noise")
+
+
+def test_int32_noise_equals_the_int64_form():
+    """gumbel_noise hashes in int32 (wrapping products, masked shifts); the int64 form is the
+    definition: the same float64 noise bit for bit over many seeds, positions and a full
+    vocabulary (every top bit and sign case of the 32-bit patterns occurs), and the same tokens."""
+    from rollout.sampling import _gumbel_noise_int64, gumbel_noise
+    gen = torch.Generator().manual_seed(3)
+    seeds = torch.randint(0, 2 ** 62, (64,), generator=gen)
+    seeds[:3] = torch.tensor([0, 2 ** 63 - 1, 2 ** 31])
+    positions = torch.randint(0, 1 << 20, (64,), generator=gen)
+    for vocab in (32000, 129):
+        noise = gumbel_noise(seeds, positions, vocab)
+        assert_bits_equal(noise, _gumbel_noise_int64(seeds, positions, vocab), f"noise vocab {vocab}")
+        lp = torch.log_softmax(torch.randn(64, vocab, generator=gen), -1)
+        assert torch.equal(sample(lp, seeds, positions), (noise + lp.double()).argmax(-1))

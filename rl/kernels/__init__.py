@@ -7,8 +7,9 @@ sides. Ops (shapes in each backend's docstrings):
     linear, rms_norm, gated_group_rms_norm, rope, softmax_attention,
     lightning_attention, moe_route, moe_experts, silu, logprobs, log_softmax_logits
 
-and `prepack(weights)` / `prepack_experts(gate_w, up_w, down_w)`, which an inference engine
-calls after loading weights (cpu: keeps oneDNN's packed layout of bf16 weights, and each MoE
+and `prepack(weights)` / `prepack_fused(groups)` / `prepack_experts(gate_w, up_w, down_w)`,
+which an inference engine calls after loading weights (cpu: keeps oneDNN's packed layout of
+bf16 weights, projections of one input stacked into one product (`fused_linear`), and each MoE
 layer's experts stacked for decode batches; same bits).
 
 Contract (DESIGN.md §2; each property has a bitwise test): batch invariance, prefill/decode
@@ -83,6 +84,25 @@ def prepack(weights) -> int:
     return backend.prepack(weights) if hasattr(backend, "prepack") else 0
 
 
+def prepack_fused(groups) -> list[bool]:
+    """Inference only: for each group of weights that multiply the same input, let
+    `fused_linear` run them as one product (cpu; same bits). Returns per group whether the
+    backend keeps such a copy (backends without one: all False)."""
+    groups = [list(g) for g in groups]
+    if not groups:
+        return []
+    backend = backend_for(groups[0][0].device)
+    return backend.prepack_fused(groups) if hasattr(backend, "prepack_fused") else [False] * len(groups)
+
+
+def fused_linear(x, weights):
+    """[linear(x, w) for w in weights] as one product where `prepack_fused` prepared this very
+    group and it is still current (same tensors, unchanged) and no gradient is needed; else
+    None, and the caller runs its projections (its modules) one by one."""
+    backend = backend_for(x.device)
+    return backend.fused_linear(x, weights) if hasattr(backend, "fused_linear") else None
+
+
 def prepack_experts(gate_w, up_w, down_w) -> int:
     """Inference only: let `moe_experts` (without autograd) keep one MoE layer's expert weights
     stacked where the backend can use that (cpu; same bits). Call again after they change."""
@@ -136,6 +156,7 @@ from rl.kernels.batch import BatchMeta  # noqa: E402  (plain data, no backend im
 
 __all__ = [
     "BatchMeta", "MODES", "set_kernels", "get_kernels", "kernels", "backend_for", "linear", "prepack", "prepack_experts",
+    "prepack_fused", "fused_linear",
     "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention", "lightning_attention",
     "moe_route", "moe_experts", "silu", "log_softmax_logits", "logprobs",
 ]

@@ -59,8 +59,14 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate)
         self.down_proj = Linear(intermediate, hidden)
 
+    def fused_groups(self) -> list[list[torch.Tensor]]:
+        """Projections of one input, for an inference engine's `K.prepack_fused`."""
+        return [[self.gate_proj.weight, self.up_proj.weight]]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = K.silu(self.gate_proj(x).float()) * self.up_proj(x).float()
+        fused = K.fused_linear(x, [self.gate_proj.weight, self.up_proj.weight])
+        gate, up = fused if fused is not None else (self.gate_proj(x), self.up_proj(x))
+        act = K.silu(gate.float()) * up.float()
         return self.down_proj(act.to(x.dtype))
 
 
@@ -83,6 +89,21 @@ def linear_log_decay(config: BailingMoeLinearV2Config, layer_idx: int) -> list[f
     l_eff = layer_idx if config.linear_decay_form == "engine" else layer_idx - 1
     factor = 1.0 - l_eff / max(num_layers - 1, 1) + 1e-5
     return [-s * factor for s in alibi_slopes(config.num_attention_heads)]
+
+
+def _qk_norm_rope_together(attn, qkv: torch.Tensor, hq: int, hkv: int, positions: torch.Tensor):
+    """The inference engine's form of q/k norm + RoPE: the q heads and k heads (the first
+    hq + hkv heads of the qkv rows) normed and rotated in one call each, each head with its own
+    norm's weight. Per head row the same arithmetic as the two modules' separate calls (a norm
+    row depends only on itself, RoPE is element-wise per token), so the same bits; it reads the
+    norms' weights directly, so it is only for a model an engine prepared (no ZeRO-3 hooks)."""
+    n, d = qkv.shape[0], attn.head_dim
+    qk = qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d)
+    if attn.use_qk_norm:
+        weight = torch.cat([attn.query_layernorm.weight.expand(hq, d), attn.key_layernorm.weight.expand(hkv, d)])
+        qk = K.rms_norm(qk, weight, attn.query_layernorm.eps)
+    qk = K.rope(qk, positions, attn.rotary_dim, attn.rope_theta)
+    return qk[:, :hq], qk[:, hq:]
 
 
 class LinearAttention(nn.Module):
@@ -112,17 +133,28 @@ class LinearAttention(nn.Module):
         h, d = self.num_heads, self.head_dim
         return (h, d, d), (h, self.chunk_size, 2 * d)
 
+    def fused_groups(self) -> list[list[torch.Tensor]]:
+        """Projections of one input, for an inference engine's `K.prepack_fused`."""
+        return [[self.query_key_value.weight, self.g_proj.weight]]
+
     def forward(self, x: torch.Tensor, batch: BatchMeta, positions: torch.Tensor, state=None) -> torch.Tensor:
         n = x.shape[0]
         h, d = self.num_heads, self.head_dim
-        q, k, v = self.query_key_value(x).view(n, 3, h, d).unbind(1)
-        if self.use_qk_norm:
-            q, k = self.query_layernorm(q), self.key_layernorm(k)
-        q = K.rope(q, positions, self.rotary_dim, self.rope_theta)
-        k = K.rope(k, positions, self.rotary_dim, self.rope_theta)
+        fused = K.fused_linear(x, [self.query_key_value.weight, self.g_proj.weight])
+        if fused is not None:           # an inference engine prepared this layer
+            qkv, gate = fused
+            q, k = _qk_norm_rope_together(self, qkv, h, h, positions)
+            v = qkv[:, 2 * h * d:3 * h * d].view(n, h, d)
+        else:
+            gate = None
+            q, k, v = self.query_key_value(x).view(n, 3, h, d).unbind(1)
+            if self.use_qk_norm:
+                q, k = self.query_layernorm(q), self.key_layernorm(k)
+            q = K.rope(q, positions, self.rotary_dim, self.rope_theta)
+            k = K.rope(k, positions, self.rotary_dim, self.rope_theta)
         log_decay = torch.tensor(self.log_decay_values, dtype=torch.float32, device=x.device)
         o = K.lightning_attention(q, k, v, log_decay, batch, state, self.chunk_size)
-        o = self.g_norm(o.reshape(n, h * d), self.g_proj(x))
+        o = self.g_norm(o.reshape(n, h * d), self.g_proj(x) if gate is None else gate)
         return self.dense(o)
 
 
@@ -141,16 +173,26 @@ class SoftmaxAttention(nn.Module):
             self.key_layernorm = RMSNorm(d, config.rms_norm_eps)
         self.dense = Linear(self.num_heads * d, config.hidden_size)
 
+    def fused_groups(self) -> list[list[torch.Tensor]]:
+        """For an inference engine's `K.prepack_fused` (a group of one: the prepared copy also
+        tells the layer that it runs in that engine)."""
+        return [[self.query_key_value.weight]]
+
     def forward(self, x: torch.Tensor, batch: BatchMeta, positions: torch.Tensor, kv_cache=None) -> torch.Tensor:
         n, d = x.shape[0], self.head_dim
-        qkv = self.query_key_value(x)
-        q = qkv[:, : self.num_heads * d].view(n, self.num_heads, d)
-        k = qkv[:, self.num_heads * d: (self.num_heads + self.num_kv_heads) * d].view(n, self.num_kv_heads, d)
-        v = qkv[:, (self.num_heads + self.num_kv_heads) * d:].view(n, self.num_kv_heads, d)
-        if self.use_qk_norm:
-            q, k = self.query_layernorm(q), self.key_layernorm(k)
-        q = K.rope(q, positions, self.rotary_dim, self.rope_theta)
-        k = K.rope(k, positions, self.rotary_dim, self.rope_theta)
+        hq, hkv = self.num_heads, self.num_kv_heads
+        fused = K.fused_linear(x, [self.query_key_value.weight])
+        qkv = self.query_key_value(x) if fused is None else fused[0]
+        v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)
+        if fused is not None:           # an inference engine prepared this layer
+            q, k = _qk_norm_rope_together(self, qkv, hq, hkv, positions)
+        else:
+            q = qkv[:, : hq * d].view(n, hq, d)
+            k = qkv[:, hq * d: (hq + hkv) * d].view(n, hkv, d)
+            if self.use_qk_norm:
+                q, k = self.query_layernorm(q), self.key_layernorm(k)
+            q = K.rope(q, positions, self.rotary_dim, self.rope_theta)
+            k = K.rope(k, positions, self.rotary_dim, self.rope_theta)
         o = K.softmax_attention(q, k, v, batch, kv_cache, d ** -0.5)
         return self.dense(o.reshape(n, self.num_heads * d))
 

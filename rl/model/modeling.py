@@ -102,11 +102,17 @@ class BailingMoeLinearV2ForCausalLM(BailingMoeLinearV2PreTrainedModel, Generatio
 
     def prepack_for_inference(self) -> int:
         """An inference engine's call after (re)loading weights: projection weights into the
-        kernels' packed layout and each MoE layer's experts stacked (cpu; same bits, less work
-        per decode step). Never for a trainer: its weights change without the engine knowing.
+        kernels' packed layout, the projections of one input (q/k/v + output gate, an MLP's
+        gate + up) as one packed product, and each MoE layer's experts stacked (cpu; same bits,
+        less work per decode step). Never for a trainer: its weights change without the engine knowing.
         A pack of a weight changed in place since is ignored by the kernels. Returns the
         number of packed projections."""
-        count = K.prepack(m.weight for m in self.modules() if isinstance(m, Linear) and m is not self.lm_head)
+        routed = {id(e) for m in self.modules() if isinstance(m, MoE) for e in m.experts}   # moe_experts' own
+        groups = [g for m in self.modules() if isinstance(m, (LinearAttention, SoftmaxAttention, MLP)) and id(m) not in routed
+                  for g in m.fused_groups()]
+        fused = {id(w) for g, kept in zip(groups, K.prepack_fused(groups)) if kept for w in g}
+        count = len(fused) + K.prepack(m.weight for m in self.modules()
+                                       if isinstance(m, Linear) and m is not self.lm_head and id(m.weight) not in fused)
         for m in self.modules():
             if isinstance(m, MoE):
                 K.prepack_experts([e.gate_proj.weight for e in m.experts], [e.up_proj.weight for e in m.experts],

@@ -13,7 +13,7 @@ What breaks invariance in plain torch on CPU, measured here, and what we do inst
     row max (order-free) and sums in fixed-size blocks, in order.
 """
 from rl.kernels.cpu.malloc import keep_heap_top
-from rl.kernels.cpu.matmul import linear, prepack
+from rl.kernels.cpu.matmul import fused_linear, linear, prepack, prepack_fused
 from rl.kernels.cpu.norm import gated_group_rms_norm, rms_norm
 from rl.kernels.cpu.rope import rope
 from rl.kernels.cpu.attention import softmax_attention
@@ -24,6 +24,6 @@ from rl.kernels.cpu.elementwise import sigmoid, silu
 
 keep_heap_top()
 
-__all__ = ["linear", "prepack", "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention",
+__all__ = ["linear", "prepack", "prepack_fused", "fused_linear", "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention",
            "lightning_attention", "moe_route", "moe_experts", "prepack_experts", "log_softmax_logits", "logprobs",
            "sigmoid", "silu"]

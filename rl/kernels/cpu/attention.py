@@ -12,7 +12,9 @@ Masked keys contribute exactly +0.0, so a row's bits do not depend on how many p
 blocks share the call: a decode row equals the same row inside a full prefill, chunked prefill
 at any split, or a recompute after preemption. K/V are written to the cache (in the cache
 dtype) before attention reads them; without a cache (the trainer), K/V are used as given,
-which is the same values because the cache dtype is the model dtype.
+which is the same values because the cache dtype is the model dtype. Decode steps over pages
+of whole key blocks (vLLM's) take `_decode_paged`: the same per-block arithmetic on each
+sequence's own blocks only, summed as here.
 """
 from __future__ import annotations
 
@@ -107,6 +109,67 @@ def _key_blocks(kv: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Te
     return k_t, v
 
 
+def _decode_paged(q: torch.Tensor, batch: BatchMeta, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode rows (one new token per sequence, its K/V already in the cache) with the general
+    path's arithmetic, computed only on the key blocks a sequence has: a sequence of L tokens
+    reads ceil(L / BLOCK_K) blocks, not as many as the batch's longest. Per (sequence, KV head,
+    block) the same operands reach the same fixed-shape products (a product's matrix does not
+    depend on the others in the bmm), masks and exp; the per-block sums and PV products are then
+    laid out as the general path has them, with the exact +0.0 its blocks past a sequence's end
+    contribute, and summed block by block in the same order: the same bits."""
+    n, hq, d = q.shape
+    _, hkv, block_size, d2 = kv_cache.shape
+    group = hq // hkv
+    dev = q.device
+    seq_lens, ctx = batch.seq_lens, batch.context_lens
+    have = (seq_lens + BLOCK_K - 1) // BLOCK_K                 # key blocks per sequence
+    n_blocks = int(have.max())
+    seq_of, blk_of = (torch.arange(n_blocks, device=dev)[None, :] < have[:, None]).nonzero(as_tuple=True)
+    pairs = seq_of.numel()                                     # (sequence, block) pairs, in that order
+    start = blk_of * BLOCK_K
+    page = batch.block_table[seq_of, start // block_size].long()
+    heads = torch.arange(hkv, device=dev)
+    runs = (page[:, None] * hkv + heads[None, :]) * (block_size // BLOCK_K) + (start % block_size // BLOCK_K)[:, None]
+    kv = kv_cache.view(-1, BLOCK_K, d2).index_select(0, runs.reshape(-1))        # [P*Hkv, BLOCK_K, 2D]
+    # values past a sequence's end are zeroed in the cache dtype before widening, as in
+    # `_gather_pages` (only a sequence's last block has such positions)
+    key_pos = start[:, None] + torch.arange(BLOCK_K, device=dev)[None, :]       # [P, BLOCK_K]
+    pair, pos = (key_pos >= seq_lens[seq_of][:, None]).nonzero(as_tuple=True)
+    if pair.numel():
+        rows = (pair[:, None] * hkv + heads[None, :]) * BLOCK_K + pos[:, None]
+        kv.view(-1, d2)[:, d:].index_fill_(0, rows.reshape(-1), 0.0)
+    k_t = torch.empty((pairs * hkv, d, BLOCK_K), dtype=torch.float32, device=dev)
+    k_t.copy_(kv[..., :d].transpose(-1, -2))
+    v_blocks = torch.empty((pairs * hkv, BLOCK_K, d), dtype=torch.float32, device=dev)
+    v_blocks.copy_(kv[..., d:])
+
+    q_pad = F.pad(q.float().view(n, hkv, group, d), (0, 0, 0, TILE_Q - group))   # [B, Hkv, TILE_Q, D]
+    scores = bmm_fixed(q_pad[seq_of].reshape(pairs * hkv, TILE_Q, d), k_t).view(pairs, hkv, TILE_Q, BLOCK_K)
+    scores = scores[:, :, :group] * scale
+    visible = (key_pos <= ctx[seq_of][:, None]).view(pairs, 1, 1, BLOCK_K)      # key pos <= the token's
+    scores = torch.where(visible, scores, torch.tensor(float("-inf"), device=dev))
+    pair_max = scores.amax(dim=3)                                                 # [P, Hkv, group]
+    row_max = pair_max.new_full((n, n_blocks, hkv, group), float("-inf"))
+    row_max[seq_of, blk_of] = pair_max
+    row_max = row_max.amax(dim=1)                                                 # exact in any order
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros((), device=dev))
+    p = torch.where(visible, torch.exp(scores - row_max[seq_of][..., None]), torch.zeros((), device=dev))
+    block_sums = row_sum(p)                                                       # [P, Hkv, group]
+    pv = bmm_fixed(F.pad(p, (0, 0, 0, TILE_Q - group)).reshape(pairs * hkv, TILE_Q, BLOCK_K), v_blocks)
+    pv = pv.view(pairs, hkv, TILE_Q, d)[:, :, :group]
+    sums = block_sums.new_zeros((n_blocks, n, hkv, group))
+    sums[blk_of, seq_of] = block_sums
+    outs = pv.new_zeros((n_blocks, n, hkv, group, d))
+    outs[blk_of, seq_of] = pv
+    denom, out = sums[0], outs[0]
+    for blk in range(1, n_blocks):                             # fixed order: block 0, 1, 2...
+        denom = denom + sums[blk]
+        out = out + outs[blk]
+    denom = torch.where(denom > 0, denom, torch.ones((), device=dev))
+    out = out / denom[..., None]
+    return out.reshape(n, hq, d).to(q.dtype)
+
+
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BatchMeta,
                       kv_cache: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """q [N, Hq, D], k/v [N, Hkv, D] for the new tokens -> o [N, Hq, D] in q.dtype.
@@ -131,6 +194,9 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     if not decode:
         seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), q_lens)
         local = torch.arange(n, device=q.device) - batch.query_start_loc[:-1][seq_idx]
+    if decode and group <= TILE_Q and kv_cache.is_contiguous() and kv_cache.shape[2] % BLOCK_K == 0:
+        write_kv(kv_cache, k, v, batch.slot_mapping)
+        return _decode_paged(q, batch, kv_cache, scale)
     if kv_cache is not None:
         write_kv(kv_cache, k, v, batch.slot_mapping)
         k_t, v_blocks = _key_blocks(_gather_pages(kv_cache, batch.block_table, seq_lens, len_k), n_blocks)

@@ -71,27 +71,39 @@ def _decode_step(q, k, v, log_decay, batch: BatchMeta, state, c: int, tq: int) -
     q_decay, k_decay, intra_mask, window_decay = _tables(tuple(log_decay.tolist()), c)
     tiles_per_window = c // tq
     t_in, r = j // tq, j % tq
+    # the query tiles: row r holds the token, the other rows are zero (a product's row does
+    # not depend on the other rows; the general path has zeros there too)
+    qs = q.float() * (d ** -0.5)
     qt = q.new_zeros((n, h, tq, d), dtype=torch.float32)
-    qt[rows, :, r] = q.float() * (d ** -0.5)
-    kw_t = pend_pool[..., :d].transpose(-1, -2)[slots]        # [B, H, D, C], contiguous
-    vw = pend_pool[..., d:][slots]                             # [B, H, C, D], contiguous
-    scores = bmm_fixed(qt.reshape(-1, tq, d), kw_t.reshape(-1, d, c)).view(n, h, tq, c)
-    scores = scores * intra_mask.view(h, tiles_per_window, tq, c)[:, t_in].transpose(0, 1)
-    intra = bmm_fixed(scores.reshape(-1, tq, c), vw.reshape(-1, c, d)).view(n, h, tq, d)
-    q_dec = q_decay.view(h, tiles_per_window, tq)[:, t_in].transpose(0, 1)[..., None]
-    qd = qt * q_dec
+    qt[rows, :, r] = qs
+    qd = q.new_zeros((n, h, tq, d), dtype=torch.float32)      # the same tile times λ^{j+1}, built
+    qd[rows, :, r] = qs * q_decay[:, j].t()[..., None]         # on the live row only
+    mask = intra_mask.view(h, tiles_per_window, tq, c)[:, t_in].transpose(0, 1)
     if h * d * d * s_pool.element_size() >= STATE_IN_PLACE_BYTES:
-        # a sequence's S [H, D, D] is contiguous in the pool: the same [tq, D] x [D, D]
-        # products per head (bmm_fixed's per-matrix result does not depend on the batch)
-        inter = torch.stack([bmm_fixed(qd[i], s_pool[slot]) for i, slot in enumerate(slots.tolist())])
+        # large states: a sequence's S [H, D, D] and its pending V [H, C, D] (strided rows)
+        # are read in place in the pool, by the same [tq, D] x [D, D] and [tq, C] x [C, D]
+        # products per sequence (bmm_fixed's per-matrix result does not depend on the batch);
+        # only K, transposed, is gathered
+        slot_list = slots.tolist()
+        kw_t = pend_pool[..., :d].transpose(-1, -2)[slots]    # [B, H, D, C], contiguous
+        scores = bmm_fixed(qt.reshape(-1, tq, d), kw_t.reshape(-1, d, c)).view(n, h, tq, c) * mask
+        intra = torch.stack([bmm_fixed(scores[i], pend_pool[slot, :, :, d:]) for i, slot in enumerate(slot_list)])
+        inter = torch.stack([bmm_fixed(qd[i], s_pool[slot]) for i, slot in enumerate(slot_list)])
+        pend = None
     else:
+        pend = pend_pool.index_select(0, slots)                # [B, H, C, 2D]: one contiguous gather
+        kw_t = pend[..., :d].transpose(-1, -2).contiguous()    # [B, H, D, C]
+        vw = pend[..., d:]                                     # [B, H, C, D] (strided rows, as in the general path)
+        scores = bmm_fixed(qt.reshape(-1, tq, d), kw_t.reshape(-1, d, c)).view(n, h, tq, c) * mask
+        intra = bmm_fixed(scores.reshape(-1, tq, c), vw.reshape(n * h, c, d)).view(n, h, tq, d)
         inter = bmm_fixed(qd.reshape(-1, tq, d), s_pool.index_select(0, slots).reshape(-1, d, d)).view(n, h, tq, d)
     out = inter[rows, :, r] + intra[rows, :, r]                # [N, H, D]: the live rows only
     full = (j == c - 1).nonzero()[:, 0]                        # windows this token completes
     if full.numel():
         done = slots[full]
-        kf = pend_pool[..., :d][done] * k_decay[None, :, :, None]
-        kv = bmm_fixed(kf.transpose(-1, -2).reshape(-1, d, c), vw[full].reshape(-1, c, d)).view(-1, h, d, d)
+        window = pend_pool[done] if pend is None else pend[full]                 # [F, H, C, 2D]
+        kf = window[..., :d] * k_decay[None, :, :, None]
+        kv = bmm_fixed(kf.transpose(-1, -2).reshape(-1, d, c), window[..., d:].reshape(-1, c, d)).view(-1, h, d, d)
         s_pool[done] = window_decay[None, :, None, None] * s_pool[done] + kv
         pend_pool[done] = 0.0
     return out.to(q.dtype)

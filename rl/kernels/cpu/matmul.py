@@ -24,6 +24,7 @@ The output is rounded to `out_dtype`.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -96,14 +97,16 @@ def bf16_tile_rows(m: int, k: int) -> int:
     return max(1, -(-m // TILE_M)) * TILE_M if k <= ONE_CALL_MAX_K else TILE_M
 
 
-def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor | None, packed=None) -> torch.Tensor:
     """x [M, K] bf16 @ weight [N, K]ᵀ bf16 -> [M, N] bf16, one fixed-shape mm per row tile;
-    batch-invariant in M and in the thread count."""
+    batch-invariant in M and in the thread count. `packed`: oneDNN's packed form of the weight
+    (then `weight` may be None); by default the weight's own current pack, if any."""
     m, k = x.shape
     tile = bf16_tile_rows(m, k)
     n_tiles = max(1, -(-m // tile))
     xp = _whole_tiles(x, n_tiles * tile, torch.bfloat16)
-    packed = _packed(weight)
+    if packed is None:
+        packed = _packed(weight)
     if packed is not None:
         tiles = [_packed_linear(xp[i * tile:(i + 1) * tile], packed, None, "none", [], "")
                  for i in range(n_tiles)]
@@ -116,13 +119,39 @@ def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out[:m]
 
 
-# -- weights packed once for inference ---------------------------------------------------------
+# -- copies derived from weights, kept for inference -------------------------------------------
+# One freshness rule for every such copy (oneDNN packs here, stacked experts in moe.py): a copy
+# records the very tensors it was made from and their version counters, and is used only while
+# each source is the same object at the same version. It is built only where an inference
+# engine asks (`prepack`, `moe.prepack_experts`), never lazily in a forward: a trainer's weights
+# change through `.data` (DeepSpeed, no version bump) or get new storage (ZeRO-3).
+
+def keep_derived(holder: torch.Tensor, key: str, sources, value) -> None:
+    """Keep `value`, made from the tensors `sources`, on `holder` under attribute `key`."""
+    sources = tuple(sources)
+    setattr(holder, key, (tuple(weakref.ref(t) for t in sources), tuple(t._version for t in sources), value))
+
+
+def current_derived(holder: torch.Tensor, key: str, sources):
+    """The value `keep_derived` left on `holder` under `key` if it was made from exactly
+    `sources` (same objects, same versions now); else None (none, or stale)."""
+    entry = getattr(holder, key, None)
+    if entry is None:
+        return None
+    refs, versions, value = entry
+    if len(refs) != len(sources):
+        return None
+    for ref, version, t in zip(refs, versions, sources):
+        if ref() is not t or t._version != version:
+            return None
+    return value
+
+
 # oneDNN re-orders a bf16 weight into its AMX layout on every `torch.mm`; for a weight that
 # does not change (the rollout engine between weight updates) the re-ordered copy can be kept.
 # The product is the same oneDNN kernel on the same tiles, so the bits are the unpacked
 # product's (tests/test_kernels_invariance.py checks every model shape, 1/2/4 threads); the
-# trainer never packs. A pack records the weight's version counter and is ignored once the
-# weight is changed in place.
+# trainer never packs.
 _PACK_ATTR = "_lockstep_onednn_pack"
 # the resolved overloads: calling through the op packet costs ~20 us of Python per call
 try:
@@ -140,16 +169,61 @@ def prepack(weights) -> int:
     count = 0
     for w in weights:
         if w.dtype == torch.bfloat16 and w.dim() == 2 and w.device.type == "cpu":
-            setattr(w, _PACK_ATTR, (w._version, _pack(w.detach(), TILE_M)))
+            keep_derived(w, _PACK_ATTR, (w,), _pack(w.detach(), TILE_M))
             count += 1
     return count
 
 
 def _packed(weight: torch.Tensor):
-    entry = getattr(weight, _PACK_ATTR, None)
-    if entry is None or entry[0] != weight._version or (weight.requires_grad and torch.is_grad_enabled()):
+    if weight.requires_grad and torch.is_grad_enabled():
         return None
-    return entry[1]
+    return current_derived(weight, _PACK_ATTR, (weight,))
+
+
+# Weights that multiply the same input (a layer's q/k/v and gate projections, an MLP's gate and
+# up) can run as one product over their rows stacked: an output element does not depend on the
+# weight rows beside it in the call (the same tiles over the same K; tested at the model shapes,
+# 1/2 threads, packed or not), so each part's columns carry its own product's bits. The engine
+# asks for it after a weight load (`prepack_fused`); only the group's packed copy is kept.
+_FUSED_ATTR = "_lockstep_fused_pack"
+
+
+def prepack_fused(groups) -> list[bool]:
+    """Inference only: for each group of 2D bf16 CPU weights [N_i, K] (same K), keep one
+    oneDNN-packed copy of the group stacked by rows, for `fused_linear`. Returns, per group,
+    whether it was kept (the caller need not pack those weights one by one)."""
+    kept = []
+    for group in groups:
+        group = tuple(group)
+        ok = (_pack is not None and torch.backends.mkldnn.is_available() and len(group) >= 1
+              and all(w.dtype == torch.bfloat16 and w.dim() == 2 and w.device.type == "cpu"
+                      and w.shape[1] == group[0].shape[1] for w in group))
+        if ok:
+            with torch.inference_mode(False):
+                stacked = torch.cat([w.detach() for w in group])
+            keep_derived(group[0], _FUSED_ATTR, group, _pack(stacked, TILE_M))
+        kept.append(ok)
+    return kept
+
+
+def fused_linear(x: torch.Tensor, weights) -> list[torch.Tensor] | None:
+    """[x @ w.T for w in weights] (bf16) as one product where `prepack_fused` left a current
+    packed copy of exactly this group and no gradient is needed; else None (the caller runs its
+    projections one by one). The parts are column slices of one output."""
+    if x.dtype != torch.bfloat16 or (torch.is_grad_enabled()
+                                     and (x.requires_grad or any(w.requires_grad for w in weights))):
+        return None
+    packed = current_derived(weights[0], _FUSED_ATTR, weights)
+    if packed is None:
+        return None
+    lead = x.shape[:-1]
+    y = matmul_rows_bf16(x.reshape(-1, x.shape[-1]), None, packed)
+    y = y.reshape(*lead, y.shape[-1])
+    parts, start = [], 0
+    for w in weights:
+        parts.append(y[..., start:start + w.shape[0]])
+        start += w.shape[0]
+    return parts
 
 
 def _forward(x2d: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from rl.kernels.cpu.elementwise import sigmoid, silu
-from rl.kernels.cpu.matmul import bf16_tile_rows, linear, prepack
+from rl.kernels.cpu.matmul import bf16_tile_rows, current_derived, keep_derived, linear, prepack
 
 # the fixed cost of one oneDNN call (~50 us here at tiny decode shapes) in weight bytes read
 # in the same time (~5 GB/s)
@@ -69,10 +69,14 @@ def moe_route(x, gate_weight, expert_bias, top_k, n_group, topk_group, norm_topk
     return weights, ids, logits
 
 
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """SwiGLU's element-wise step on an expert's gate and up products: fp32, rounded to `dtype`."""
+    return (silu(gate.float()) * up.float()).to(dtype)
+
+
 def expert_mlp(x, gate_w, up_w, down_w):
     """SwiGLU of one expert on its rows: x [M, Hd] -> [M, Hd] in x.dtype."""
-    hidden = silu(linear(x, gate_w).float()) * linear(x, up_w).float()
-    return linear(hidden.to(x.dtype), down_w)
+    return linear(_swiglu(linear(x, gate_w), linear(x, up_w), x.dtype), down_w)
 
 
 def _per_expert_gathers(x, flat_ids, k, gate_w, up_w, down_w):
@@ -88,40 +92,50 @@ def _per_expert_gathers(x, flat_ids, k, gate_w, up_w, down_w):
     return outputs
 
 
-def _one_sorted_gather(x, flat_ids, k, gate_w, up_w, down_w):
-    """The same outputs without autograd (rollout): one gather of the rows sorted by expert,
-    one scatter back; each expert's rows reach `expert_mlp` in the same order as above, and a
-    row's bits do not depend on the other rows anyway."""
-    order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=len(gate_w)).tolist()
-    rows = x[order // k]
-    results, start = [], 0
+def _expert_counts(flat_ids: torch.Tensor, num_experts: int) -> list[int]:
+    """How many (token, slot) pairs each expert got, by expert index."""
+    return torch.bincount(flat_ids, minlength=num_experts).tolist()
+
+
+def _sorted_by_expert(rows: torch.Tensor, order: torch.Tensor, counts: list[int], fn) -> torch.Tensor:
+    """The sorted gather without autograd (rollout). `rows` [P, W_in] are the (token, slot)
+    pairs' inputs in expert order (row i belongs to pair `order[i]`, `order` the stable argsort
+    of the pairs' expert ids, `counts` per expert); `fn(e, rows_e)` computes expert e's
+    outputs. Returns them [P, W_out] in pair order, with one scatter. Each expert's rows reach
+    `fn` in the order the per-expert gathers give them, and a row's bits do not depend on the
+    other rows anyway (the products are batch-invariant)."""
+    parts, start = [], 0
     for e, count in enumerate(counts):
         if count:
-            results.append(expert_mlp(rows[start:start + count], gate_w[e], up_w[e], down_w[e]))
+            parts.append(fn(e, rows[start:start + count]))
             start += count
-    outputs = torch.empty((flat_ids.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
-    if results:
-        outputs[order] = torch.cat(results) if len(results) > 1 else results[0]
-    return outputs
+    values = torch.cat(parts) if len(parts) > 1 else parts[0]
+    out = values.new_empty((order.numel(), values.shape[1]))
+    out[order] = values
+    return out
+
+
+def _one_sorted_gather(x, flat_ids, k, gate_w, up_w, down_w, counts: list[int] | None = None):
+    """The same outputs as `_per_expert_gathers` without autograd (rollout): one gather of the
+    rows sorted by expert, each expert's whole SwiGLU on its rows, one scatter back."""
+    counts = _expert_counts(flat_ids, len(gate_w)) if counts is None else counts
+    order = torch.argsort(flat_ids, stable=True)
+    return _sorted_by_expert(x[order // k], order, counts,
+                             lambda e, r: expert_mlp(r, gate_w[e], up_w[e], down_w[e]))
 
 
 def _stacked(parts: list[torch.Tensor], key: str, holder: torch.Tensor, stack=None) -> torch.Tensor | None:
     """The packed stack(parts) kept on `holder` (an expert's weight) by `prepack_experts`, while
-    the parts are these same tensors at the same versions; None when there is none or it is
-    stale. With `stack`, (re)builds it. Never built lazily inside a forward: a trainer's no-grad
-    forward must not keep copies (DeepSpeed changes weights through `.data`, which no version
-    counter sees), so only the rollout, which rebuilds after every weight load, opts in."""
-    versions = tuple(w._version for w in parts)
-    entry = getattr(holder, key, None)
+    it is current by matmul's one freshness rule (`current_derived`: the same tensors at the
+    same versions); None when there is none or it is stale. With `stack`, (re)builds it. Never
+    built lazily inside a forward (see `keep_derived`): only the rollout, which rebuilds after
+    every weight load, opts in."""
     if stack is None:
-        if entry is not None and entry[1] == versions and all(a is b for a, b in zip(entry[0], parts)):
-            return entry[2]
-        return None
+        return current_derived(holder, key, parts)
     with torch.inference_mode(False):   # vLLM runs in inference mode; the pack check needs
         stacked = stack()               # the version counter an inference tensor lacks
     prepack([stacked])
-    setattr(holder, key, (tuple(parts), versions, stacked))
+    keep_derived(holder, key, parts, stacked)
     return stacked
 
 
@@ -167,10 +181,10 @@ def _calls_cost(rows: int, n: int, k: int) -> int:
     return tiles * (CALL_COST_BYTES + 2 * n * k)
 
 
-def _dense_choice(x, flat_ids, gate_w, up_w, down_w) -> tuple[bool, bool]:
+def _dense_choice(x, flat_ids, gate_w, up_w, down_w, counts: list[int] | None = None) -> tuple[bool, bool]:
     """(gate/up over all experts' stacked weights?, down likewise?): each where `prepack_experts`
     left a current stack and it costs fewer bytes-equivalents than the per-expert products of
-    the sorted path."""
+    the sorted path. `counts`: `_expert_counts(flat_ids)` where the caller has it."""
     if x.dtype != torch.bfloat16 or not _stackable(gate_w):
         return False, False
     has_gate_up = _stacked_gate_up(gate_w, up_w) is not None
@@ -178,48 +192,36 @@ def _dense_choice(x, flat_ids, gate_w, up_w, down_w) -> tuple[bool, bool]:
     if not (has_gate_up or has_down):
         return False, False
     e, (inter, hidden) = len(gate_w), gate_w[0].shape
-    counts = [c for c in torch.bincount(flat_ids, minlength=e).tolist() if c]
-    sorted_gate_up = sum(2 * _calls_cost(c, inter, hidden) for c in counts)
-    sorted_down = sum(_calls_cost(c, hidden, inter) for c in counts)
+    used = [c for c in (_expert_counts(flat_ids, e) if counts is None else counts) if c]
+    sorted_gate_up = sum(2 * _calls_cost(c, inter, hidden) for c in used)
+    sorted_down = sum(_calls_cost(c, hidden, inter) for c in used)
     return (has_gate_up and _calls_cost(x.shape[0], e * 2 * inter, hidden) < sorted_gate_up,
             has_down and _calls_cost(flat_ids.numel(), e * hidden, inter) < sorted_down)
 
 
-def _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up: bool, dense_down: bool):
+def _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up: bool, dense_down: bool,
+                     counts: list[int] | None = None):
     """(token, slot) outputs [N*k, Hd] without autograd, each of the two stages either over all
     experts' stacked weights (dense: the unused experts' columns are thrown away) or per expert
-    on the rows sorted by expert. Every output element is the one `expert_mlp` computes: the
-    same products (a product's element does not depend on the weight rows beside it, tested)
-    and the same element-wise steps."""
+    on the rows sorted by expert (`_sorted_by_expert`). Every output element is the one
+    `expert_mlp` computes: the same products (a product's element does not depend on the weight
+    rows beside it, tested) and the same element-wise steps (`_swiglu`)."""
     e, inter = len(gate_w), gate_w[0].shape[0]
     pairs = flat_ids.numel()
     pair = torch.arange(pairs, device=x.device)
-    order = counts = None
+    order = None
     if not (dense_gate_up and dense_down):
+        counts = _expert_counts(flat_ids, e) if counts is None else counts
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=e).tolist()
     if dense_gate_up:
         y = linear(x, _stacked_gate_up(gate_w, up_w)).view(x.shape[0], e, 2, inter)[pair // k, flat_ids]
-        hidden = (silu(y[:, 0].float()) * y[:, 1].float()).to(x.dtype)              # [N*k, I]
+        hidden = _swiglu(y[:, 0], y[:, 1], x.dtype)                                   # [N*k, I]
     else:
-        rows, parts, start = x[order // k], [], 0
-        for i, count in enumerate(counts):
-            if count:
-                r = rows[start:start + count]
-                parts.append(silu(linear(r, gate_w[i]).float()) * linear(r, up_w[i]).float())
-                start += count
-        hidden = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
-        hidden[order] = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(x.dtype)
+        hidden = _sorted_by_expert(x[order // k], order, counts,
+                                   lambda i, r: _swiglu(linear(r, gate_w[i]), linear(r, up_w[i]), x.dtype))
     if dense_down:
         return linear(hidden, _stacked_down(down_w)).view(pairs, e, x.shape[1])[pair, flat_ids]
-    rows, parts, start = hidden[order], [], 0
-    for i, count in enumerate(counts):
-        if count:
-            parts.append(linear(rows[start:start + count], down_w[i]))
-            start += count
-    outputs = torch.empty((pairs, x.shape[1]), dtype=x.dtype, device=x.device)
-    outputs[order] = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return outputs
+    return _sorted_by_expert(hidden[order], order, counts, lambda i, r: linear(r, down_w[i]))
 
 
 def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
@@ -232,11 +234,12 @@ def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
     if torch.is_grad_enabled() and x.requires_grad:
         outputs = _per_expert_gathers(x, flat_ids, k, gate_w, up_w, down_w)
     else:
-        dense_gate_up, dense_down = _dense_choice(x, flat_ids, gate_w, up_w, down_w)
+        counts = _expert_counts(flat_ids, len(gate_w))
+        dense_gate_up, dense_down = _dense_choice(x, flat_ids, gate_w, up_w, down_w, counts)
         if dense_gate_up or dense_down:
-            outputs = _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up, dense_down)
+            outputs = _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up, dense_down, counts)
         else:
-            outputs = _one_sorted_gather(x, flat_ids, k, gate_w, up_w, down_w)
+            outputs = _one_sorted_gather(x, flat_ids, k, gate_w, up_w, down_w, counts)
     outputs = outputs.view(num_tokens, k, -1).float()
     weights = topk_weights.float()
     combined = weights[:, 0, None] * outputs[:, 0]

@@ -30,10 +30,11 @@ def _normalize(x2d: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., D], weight [D] -> x.dtype. Per-head q/k norm is x [N, H, D] with weight [D]."""
+    """x [..., D], weight [D] (or any shape broadcast against x's trailing dims, e.g. one row
+    per head [H, D]) -> x.dtype. Per-head q/k norm is x [N, H, D] with weight [D]."""
     d = x.shape[-1]
-    y = _normalize(x.reshape(-1, d), eps) * weight           # bf16 weight promotes exactly
-    return y.reshape(x.shape).to(x.dtype)
+    y = _normalize(x.reshape(-1, d), eps).view(x.shape) * weight      # bf16 weight promotes exactly
+    return y.to(x.dtype)
 
 
 def gated_group_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
