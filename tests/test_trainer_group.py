@@ -108,7 +108,8 @@ def test_ws2_bad_shard_raises_on_every_rank(group):
 def test_process_launcher_matches_ws1_and_fails_loudly():
     """`launcher="process"` (hosts without Ray: bench/multi_gpu.py on the GPU machines) runs the
     same TrainerWorker ranks as local processes: world size 2 = world size 1 bit for bit, a rank's
-    error reaches the caller after both ranks have answered, and a dead rank process is named."""
+    error reaches the caller after both ranks have answered, a dead rank process is named, and
+    shutdown ends the live ranks cleanly (exit code 0)."""
     from trainer.ranks import RankFailed
     from bits import assert_bits_equal
 
@@ -133,6 +134,9 @@ def test_process_launcher_matches_ws1_and_fails_loudly():
         single.ranks.procs[0].kill()
         with pytest.raises(RankFailed, match="rank 0 process died"):
             single.forward_logprobs(batch)
+        procs = list(pair.ranks.procs)
+        pair.shutdown()               # each rank leaves the process group, then exits
+        assert [p.exitcode for p in procs] == [0, 0]
     finally:
         single.shutdown()
         pair.shutdown()

@@ -20,6 +20,7 @@ import os
 import traceback
 
 import torch
+import torch.distributed as dist
 
 from trainer.worker import TrainerWorker
 
@@ -71,6 +72,13 @@ def _serve(conn, local_rank: int, ctor_args: tuple) -> None:
             conn.send(("ok", _to_cpu(getattr(worker, method)(*args, **kwargs))))
         except Exception as err:    # noqa: BLE001
             conn.send(("error", (repr(err), traceback.format_exc())))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    conn.send(("ok", "left"))
+    try:                            # stay until every rank has left the group: rank 0 hosts
+        conn.recv()                 # the group's TCPStore, and a peer's NCCL heartbeat thread
+    except EOFError:                # reports the store's going away as an error
+        pass
 
 
 class RankFailed(RuntimeError):
@@ -117,13 +125,23 @@ class ProcessRanks:
             raise RankFailed("\n".join(errors))
         return results
 
-    def close(self) -> None:
-        for conn, proc in zip(self.conns, self.procs):
+    def close(self, timeout_s: float = 60) -> None:
+        """Every rank leaves the process group, then every rank process exits (in that order:
+        see `_serve`); a rank that does not answer in `timeout_s` is killed."""
+        for conn in self.conns:
             try:
                 conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
-            proc.join(timeout=60)
+        for conn in self.conns:
+            try:
+                if conn.poll(timeout_s):
+                    conn.recv()
+            except (EOFError, OSError):
+                pass
+        for conn, proc in zip(self.conns, self.procs):
+            conn.close()
+            proc.join(timeout=timeout_s)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
