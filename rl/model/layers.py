@@ -91,6 +91,15 @@ def linear_log_decay(config: BailingMoeLinearV2Config, layer_idx: int) -> list[f
     return [-s * factor for s in alibi_slopes(config.num_attention_heads)]
 
 
+def _qk_norm_rope_apart(attn, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+    """The trainer's form of q/k norm + RoPE: q and k through the norm modules (ZeRO-3 gathers
+    their weights in the modules' hooks), then rotated."""
+    if attn.use_qk_norm:
+        q, k = attn.query_layernorm(q), attn.key_layernorm(k)
+    return (K.rope(q, positions, attn.rotary_dim, attn.rope_theta),
+            K.rope(k, positions, attn.rotary_dim, attn.rope_theta))
+
+
 def _qk_norm_rope_together(attn, qkv: torch.Tensor, hq: int, hkv: int, positions: torch.Tensor):
     """The inference engine's form of q/k norm + RoPE: the q heads and k heads (the first
     hq + hkv heads of the qkv rows) normed and rotated in one call each, each head with its own
@@ -148,10 +157,7 @@ class LinearAttention(nn.Module):
         else:
             gate = None
             q, k, v = self.query_key_value(x).view(n, 3, h, d).unbind(1)
-            if self.use_qk_norm:
-                q, k = self.query_layernorm(q), self.key_layernorm(k)
-            q = K.rope(q, positions, self.rotary_dim, self.rope_theta)
-            k = K.rope(k, positions, self.rotary_dim, self.rope_theta)
+            q, k = _qk_norm_rope_apart(self, q, k, positions)
         log_decay = torch.tensor(self.log_decay_values, dtype=torch.float32, device=x.device)
         o = K.lightning_attention(q, k, v, log_decay, batch, state, self.chunk_size)
         o = self.g_norm(o.reshape(n, h * d), self.g_proj(x) if gate is None else gate)
@@ -187,12 +193,8 @@ class SoftmaxAttention(nn.Module):
         if fused is not None:           # an inference engine prepared this layer
             q, k = _qk_norm_rope_together(self, qkv, hq, hkv, positions)
         else:
-            q = qkv[:, : hq * d].view(n, hq, d)
-            k = qkv[:, hq * d: (hq + hkv) * d].view(n, hkv, d)
-            if self.use_qk_norm:
-                q, k = self.query_layernorm(q), self.key_layernorm(k)
-            q = K.rope(q, positions, self.rotary_dim, self.rope_theta)
-            k = K.rope(k, positions, self.rotary_dim, self.rope_theta)
+            q, k = _qk_norm_rope_apart(self, qkv[:, : hq * d].view(n, hq, d),
+                                       qkv[:, hq * d: (hq + hkv) * d].view(n, hkv, d), positions)
         o = K.softmax_attention(q, k, v, batch, kv_cache, d ** -0.5)
         return self.dense(o.reshape(n, self.num_heads * d))
 

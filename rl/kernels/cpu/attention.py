@@ -185,18 +185,18 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     scale = d ** -0.5 if scale is None else scale
     q_lens, seq_lens = batch.query_lens, batch.seq_lens
     num_seqs = batch.num_seqs
-    len_k = _ceil_to(int(seq_lens.max()), BLOCK_K)
-    n_blocks = len_k // BLOCK_K
     # one new token per sequence (decode): the rows need no scatter; same operands, same bits
     decode = kv_cache is not None and n == num_seqs and bool((q_lens == 1).all())
+    if decode and group <= TILE_Q and kv_cache.is_contiguous() and kv_cache.shape[2] % BLOCK_K == 0:
+        write_kv(kv_cache, k, v, batch.slot_mapping)
+        return _decode_paged(q, batch, kv_cache, scale)
+    len_k = _ceil_to(int(seq_lens.max()), BLOCK_K)
+    n_blocks = len_k // BLOCK_K
     len_q = 1 if decode else int(q_lens.max())
     rows = _ceil_to(len_q * group, TILE_Q)       # query rows per (sequence, kv head), (t, g) order
     if not decode:
         seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), q_lens)
         local = torch.arange(n, device=q.device) - batch.query_start_loc[:-1][seq_idx]
-    if decode and group <= TILE_Q and kv_cache.is_contiguous() and kv_cache.shape[2] % BLOCK_K == 0:
-        write_kv(kv_cache, k, v, batch.slot_mapping)
-        return _decode_paged(q, batch, kv_cache, scale)
     if kv_cache is not None:
         write_kv(kv_cache, k, v, batch.slot_mapping)
         k_t, v_blocks = _key_blocks(_gather_pages(kv_cache, batch.block_table, seq_lens, len_k), n_blocks)

@@ -253,6 +253,29 @@ def _lightning_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl
 
 
 @triton.jit
+def _state_bases(s_ptr, pend_ptr, sidx_ptr, seq, h, H, D: tl.constexpr, C: tl.constexpr, HAS_STATE: tl.constexpr):
+    """Where (sequence, head)'s S [D, D] and pending k/v [C, 2D] lie in the state pools (the
+    pools' own pointers when the call has no state)."""
+    s_base = s_ptr
+    p_base = pend_ptr
+    if HAS_STATE:
+        slot = tl.load(sidx_ptr + seq).to(tl.int64)
+        s_base = s_ptr + (slot * H + h) * D * D
+        p_base = pend_ptr + (slot * H + h) * C * 2 * D
+    return s_base, p_base
+
+
+@triton.jit
+def _load_state(s_base, s_off, ctx, D: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr):
+    """S[:, V-block] at the last window boundary: zeros for a sequence without context."""
+    if HAS_STATE:
+        S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
+    else:
+        S = tl.zeros((D, BV), dtype=tl.float32)
+    return S
+
+
+@triton.jit
 def _full_item(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
                s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start, ctx, pend, used,
                D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
@@ -268,15 +291,8 @@ def _full_item(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, 
     w_decay = tl.load(wdec_ptr + h)                             # λ^C
     intra = tl.load(intra_ptr + h * C * C + ci[:, None] * C + ci[None, :])   # λ^{j-s}·scale, s<=j
     s_off = di[:, None] * D + vi[None, :]
-    p_base = pend_ptr
-    s_base = s_ptr
-    if HAS_STATE:
-        slot = tl.load(sidx_ptr + seq).to(tl.int64)
-        s_base = s_ptr + (slot * H + h) * D * D
-        p_base = pend_ptr + (slot * H + h) * C * 2 * D
-        S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
-    else:
-        S = tl.zeros((D, BV), dtype=tl.float32)
+    s_base, p_base = _state_bases(s_ptr, pend_ptr, sidx_ptr, seq, h, H, D, C, HAS_STATE)
+    S = _load_state(s_base, s_off, ctx, D, BV, HAS_STATE)
     # window 0 holds the pending rows (if any); the next window's rows are loaded at the end
     # of the current one
     q, k, v, tok, is_new = _load_window(q_ptr, k_ptr, v_ptr, p_base, 0, start, pend, used, h, ci, di, vi,
@@ -327,19 +343,11 @@ def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr
         k_off = ci[:, None] * 2 * D + di[None, :]
         v_off = ci[:, None] * 2 * D + D + vi[None, :]
         s_off = di[:, None] * D + vi[None, :]
-        p_base = pend_ptr
-        s_base = s_ptr
-        if HAS_STATE:
-            slot = tl.load(sidx_ptr + seq).to(tl.int64)
-            s_base = s_ptr + (slot * H + h) * D * D
-            p_base = pend_ptr + (slot * H + h) * C * 2 * D
+        s_base, p_base = _state_bases(s_ptr, pend_ptr, sidx_ptr, seq, h, H, D, C, HAS_STATE)
         q = _rows(q_ptr, q_tok, s_qn, s_qh, h, di, q_new)                       # [TQ, D]
         k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, k_off, is_pend, q.dtype, HAS_STATE)
         scores = _qk(q, k, MODE) * tl.load(intra_ptr + h * C * C + ti[:, None] * C + ci[None, :])
-        if HAS_STATE:
-            S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
-        else:
-            S = tl.zeros((D, BV), dtype=tl.float32)
+        S = _load_state(s_base, s_off, ctx, D, BV, HAS_STATE)
         inter = _mm_f32b(q, S, tl.zeros((TQ, BV), dtype=tl.float32), MODE, PARTS, TRUNC)
         v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
         out = _mm_f32a(scores, v, inter * tl.load(qdec_ptr + h * C + ti)[:, None], MODE, PARTS, TRUNC)
@@ -397,8 +405,7 @@ def _pending_kernel(k_ptr, v_ptr, pend_ptr, sidx_ptr, qsl_ptr, ctx_ptr, s_kn, s_
                 tok = tl.where(is_new, start + p - pend, 0).to(tl.int64)
                 k = _rows(k_ptr, tok, s_kn, s_kh, h, di, is_new)
                 v = _rows(v_ptr, tok, s_vn, s_vh, h, di, is_new)
-                slot = tl.load(sidx_ptr + seq).to(tl.int64)
-                p_base = pend_ptr + (slot * H + h) * C * 2 * D
+                _, p_base = _state_bases(pend_ptr, pend_ptr, sidx_ptr, seq, h, H, D, C, True)
                 tl.store(p_base + ci[:, None] * 2 * D + di[None, :], k.to(tl.float32), mask=is_new[:, None])
                 tl.store(p_base + ci[:, None] * 2 * D + D + di[None, :], v.to(tl.float32), mask=is_new[:, None])
 
