@@ -578,6 +578,13 @@ LIGHTNING_VARIANTS = {
     "d2": [dict(FULL_PROGS_PER_SM=0), dict(FULL_PROGS_PER_SM=1), dict(FULL_PROGS_PER_SM=4),
            dict(TILE_WARPS=8, TILE_MAXNREG=128), dict(TILE_WARPS=4, TILE_MAXNREG=None), dict(TRUNC_SPLIT=False),
            dict()],
+    # session 7 (kernels_gpu_h200_ltune18.json): more tile programs an SM (4 warps capped at 128;
+    # 2 warps), one program a head (k read once), 32 V-columns: all slower than the shipped
+    # 0.221 ms (0.266-0.515). Also tried then (not kept): the state slot loaded with the
+    # sequence lengths, before the tile test (0.2148 vs 0.2123 ms by graph replay)
+    "d3": [dict(TILE_MAXNREG=128), dict(TILE_WARPS=2, TILE_MAXNREG=None), dict(TILE_WARPS=2, TILE_MAXNREG=128),
+           dict(TILE_BV=128, TILE_WARPS=4, TILE_MAXNREG=None), dict(), dict(TILE_BV=32, TILE_WARPS=2, TILE_MAXNREG=None),
+           dict(TILE_BV=32, TILE_WARPS=4, TILE_MAXNREG=96)],
 }
 
 
@@ -637,6 +644,7 @@ def tune_lightning_split():
                     if all(same) and not fails:
                         row["prefill_ms"] = tune_ms(c["prefill"], 100)
                         row["decode_ms"] = tune_ms(c["decode"], 100)
+                        row["decode_graph_ms"] = graph_ms(c["decode"])
             except Exception as err:
                 row["error"] = repr(err)[:300]
             rows.append(row)

@@ -265,6 +265,14 @@ def _attn_inputs(lengths, hq=4, hkv=2, d=32):
     return (torch.randn(n, hq, d).bfloat16(), torch.randn(n, hkv, d).bfloat16(), torch.randn(n, hkv, d).bfloat16())
 
 
+def test_batch_meta_max_query_len_only_from_host_lengths():
+    """A kernel may skip a launch on `max_query_len`: it is set only where the host knew it."""
+    assert BatchMeta.from_lengths([1, 1, 0], [5, 9, 3]).max_query_len == 1
+    assert BatchMeta.from_lengths([4, 70, 2]).max_query_len == 70
+    assert BatchMeta.from_lengths([]).max_query_len == 0
+    assert BatchMeta.from_lengths(torch.tensor([1, 2])).max_query_len is None
+
+
 def test_attention_sequence_alone_equals_in_batch():
     lengths = [5, 70, 130, 1, 33]
     q, k, v = _attn_inputs(lengths)

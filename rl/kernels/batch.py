@@ -25,6 +25,9 @@ class BatchMeta:
     block_table: torch.Tensor | None = None    # [B, max_blocks] int
     slot_mapping: torch.Tensor | None = None   # [N] int64
     state_indices: torch.Tensor | None = None  # [B] int64
+    # the longest new-token count, when the host knows it without reading the device (a
+    # kernel may then skip a launch that could have no work: GPU lightning decode)
+    max_query_len: int | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -48,9 +51,10 @@ class BatchMeta:
 
     @staticmethod
     def from_lengths(lengths, context_lens=None, device="cpu") -> "BatchMeta":
+        host_max = None if isinstance(lengths, torch.Tensor) else max((int(x) for x in lengths), default=0)
         lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device)
         qsl = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=device)
         qsl[1:] = torch.cumsum(lengths, 0)
         ctx = (torch.zeros_like(lengths) if context_lens is None
                else torch.as_tensor(context_lens, dtype=torch.int64, device=device))
-        return BatchMeta(query_start_loc=qsl, context_lens=ctx)
+        return BatchMeta(query_start_loc=qsl, context_lens=ctx, max_query_len=host_max)

@@ -135,6 +135,7 @@ class LinearAttention(nn.Module):
         self.dense = Linear(h * d, config.hidden_size)
         # not a buffer: HF loading materialises non-persistent buffers from the meta device
         self.log_decay_values = linear_log_decay(config, layer_idx)
+        self._log_decay_on: dict[torch.device, torch.Tensor] = {}   # the same values, one tensor a device
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-request state: S at the last chunk boundary [H, D, D] and the pending k/v of
@@ -158,7 +159,10 @@ class LinearAttention(nn.Module):
             gate = None
             q, k, v = self.query_key_value(x).view(n, 3, h, d).unbind(1)
             q, k = _qk_norm_rope_apart(self, q, k, positions)
-        log_decay = torch.tensor(self.log_decay_values, dtype=torch.float32, device=x.device)
+        log_decay = self._log_decay_on.get(x.device)
+        if log_decay is None:   # one tensor a device, so a backend can keep tables derived from it
+            log_decay = torch.tensor(self.log_decay_values, dtype=torch.float32, device=x.device)
+            self._log_decay_on[x.device] = log_decay
         o = K.lightning_attention(q, k, v, log_decay, batch, state, self.chunk_size)
         o = self.g_norm(o.reshape(n, h * d), self.g_proj(x) if gate is None else gate)
         return self.dense(o)

@@ -306,6 +306,27 @@ def test_lightning_prefill_decode_bitwise(chunk, d):
         assert_bitwise(out, full, f"state {name} chunk={chunk}")
 
 
+def test_lightning_decode_step_skip_same_bits():
+    """A decode step whose meta says max_query_len 1 launches only the tile kernel; without
+    that host figure all three kernels run. Output, S and pending must be the same bits."""
+    h, d, chunk = 16, 128, 64
+    ctx = [0, 1, 15, 16, 62, 63, 64, 127, 200]          # fresh, mid-window, window-completing steps
+    n = len(ctx)
+    q, k, v = (torch.randn(n, h, d, device=DEV).mul(0.3).to(BF16) for _ in range(3))
+    s0 = torch.randn(n + 1, h, d, d, device=DEV) * 0.01
+    p0 = torch.randn(n + 1, h, chunk, 2 * d, device=DEV).to(BF16).float()
+    ld = _slopes(h)
+    results = []
+    for host_max in (1, None):
+        bm = BatchMeta.from_lengths([1] * n, context_lens=ctx, device=DEV)
+        bm.state_indices = torch.arange(n, 0, -1, device=DEV)
+        bm.max_query_len = host_max
+        state = (s0.clone(), p0.clone())
+        results.append((T.lightning_attention(q, k, v, ld, bm, state, chunk), *state))
+    for a, b, what in zip(results[0], results[1], ("output", "S", "pending")):
+        assert_bitwise(a, b, f"decode step {what}, tile kernel only vs all kernels")
+
+
 @pytest.mark.parametrize("block_v,tile_bv", [(128, 32), (128, 128)])
 def test_lightning_block_v_same_bits(block_v, tile_bv):
     """Output column j and state column j depend only on value column j: the V-block width of
