@@ -186,7 +186,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     q_lens, seq_lens = batch.query_lens, batch.seq_lens
     num_seqs = batch.num_seqs
     # one new token per sequence (decode): the rows need no scatter; same operands, same bits
-    decode = kv_cache is not None and n == num_seqs and bool((q_lens == 1).all())
+    decode = kv_cache is not None and n == num_seqs and batch.is_decode()
     if decode and group <= TILE_Q and kv_cache.is_contiguous() and kv_cache.shape[2] % BLOCK_K == 0:
         write_kv(kv_cache, k, v, batch.slot_mapping)
         return _decode_paged(q, batch, kv_cache, scale)
