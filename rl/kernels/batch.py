@@ -12,9 +12,9 @@ Cache addressing (only when caches are passed):
   - linear-attention layers: `state_indices[i]` is the slot of sequence i's state.
 
 A BatchMeta describes one forward call and is shared by all its layers: what the kernels
-derive from the split alone (positions, whether it is a decode step, decode indices) is
-computed once per call (`derived`), not once per layer. So the split (`query_start_loc`,
-`context_lens`) must not change once a forward has used it; make a new BatchMeta instead.
+derive from it alone (positions, whether it is a decode step, decode indices, the cache runs
+a decode step reads) is computed once per call (`derived`), not once per layer. So its fields
+must not change once a forward has used it; make a new BatchMeta instead.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class BatchMeta:
 
     def derived(self, key: Any, make: Callable[[], Any]) -> Any:
         """`make()`, computed on the first call with this key and kept for this call's other
-        layers; only for values that depend on nothing but the split."""
+        layers; only for values that depend on nothing but this BatchMeta (and the key)."""
         if key not in self._derived:
             self._derived[key] = make()
         return self._derived[key]
