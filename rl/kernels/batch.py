@@ -10,10 +10,17 @@ Cache addressing (only when caches are passed):
     block j of sequence i; `slot_mapping[n]` is the flat slot (block * block_size + offset)
     where token n's K/V is written (-1: do not write).
   - linear-attention layers: `state_indices[i]` is the slot of sequence i's state.
+
+A BatchMeta describes one forward call and is shared by all its layers: what the kernels
+derive from it alone (positions, whether it is a decode step, decode indices, the cache runs
+a decode step reads) is computed once per call (`derived`), not once per layer. So its fields
+must not change once a forward has used it; make a new BatchMeta instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,6 +35,18 @@ class BatchMeta:
     # the longest new-token count, when the host knows it without reading the device (a
     # kernel may then skip a launch that could have no work: GPU lightning decode)
     max_query_len: int | None = None
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def derived(self, key: Any, make: Callable[[], Any]) -> Any:
+        """`make()`, computed on the first call with this key and kept for this call's other
+        layers; only for values that depend on nothing but this BatchMeta (and the key)."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
+    def is_decode(self) -> bool:
+        """One new token per sequence (a decode step)."""
+        return self.derived("is_decode", lambda: bool((self.query_lens == 1).all()))
 
     @property
     def num_seqs(self) -> int:
@@ -43,7 +62,13 @@ class BatchMeta:
         return self.context_lens + self.query_lens
 
     def positions(self) -> torch.Tensor:
-        """Absolute position of every new token, [N] int64."""
+        """Absolute position of every new token, [N] int64 (shared by the call's layers: do
+        not modify it)."""
+        return self.derived("positions", self._positions)
+
+    def _positions(self) -> torch.Tensor:
+        if self.is_decode():             # the new token of a sequence follows its context
+            return self.context_lens
         q_lens = self.query_lens
         starts = torch.repeat_interleave(self.query_start_loc[:-1], q_lens)
         ctx = torch.repeat_interleave(self.context_lens, q_lens)

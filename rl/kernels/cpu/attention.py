@@ -109,6 +109,28 @@ def _key_blocks(kv: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Te
     return k_t, v
 
 
+def _paged_decode_indices(batch: BatchMeta, hkv: int, block_size: int):
+    """What `_decode_paged` derives from the split and the block table alone, the same for
+    every softmax layer of a call (same KV heads and page size): the number of key blocks of
+    the longest sequence; the (sequence, block) pairs a step reads, in that order; the
+    BLOCK_K-position runs of the cache they read, per KV head [P*Hkv]; the gathered rows that
+    lie past a sequence's end; the keys each pair's query sees [P, 1, 1, BLOCK_K]."""
+    dev = batch.context_lens.device
+    seq_lens, ctx = batch.seq_lens, batch.context_lens
+    have = (seq_lens + BLOCK_K - 1) // BLOCK_K                 # key blocks per sequence
+    n_blocks = int(have.max())
+    seq_of, blk_of = (torch.arange(n_blocks, device=dev)[None, :] < have[:, None]).nonzero(as_tuple=True)
+    start = blk_of * BLOCK_K
+    page = batch.block_table[seq_of, start // block_size].long()
+    heads = torch.arange(hkv, device=dev)
+    runs = (page[:, None] * hkv + heads[None, :]) * (block_size // BLOCK_K) + (start % block_size // BLOCK_K)[:, None]
+    key_pos = start[:, None] + torch.arange(BLOCK_K, device=dev)[None, :]       # [P, BLOCK_K]
+    pair, pos = (key_pos >= seq_lens[seq_of][:, None]).nonzero(as_tuple=True)
+    past_rows = ((pair[:, None] * hkv + heads[None, :]) * BLOCK_K + pos[:, None]).reshape(-1)
+    visible = (key_pos <= ctx[seq_of][:, None]).view(-1, 1, 1, BLOCK_K)         # key pos <= the token's
+    return n_blocks, seq_of, blk_of, runs.reshape(-1), past_rows, visible
+
+
 def _decode_paged(q: torch.Tensor, batch: BatchMeta, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """Decode rows (one new token per sequence, its K/V already in the cache) with the general
     path's arithmetic, computed only on the key blocks a sequence has: a sequence of L tokens
@@ -121,23 +143,14 @@ def _decode_paged(q: torch.Tensor, batch: BatchMeta, kv_cache: torch.Tensor, sca
     _, hkv, block_size, d2 = kv_cache.shape
     group = hq // hkv
     dev = q.device
-    seq_lens, ctx = batch.seq_lens, batch.context_lens
-    have = (seq_lens + BLOCK_K - 1) // BLOCK_K                 # key blocks per sequence
-    n_blocks = int(have.max())
-    seq_of, blk_of = (torch.arange(n_blocks, device=dev)[None, :] < have[:, None]).nonzero(as_tuple=True)
+    n_blocks, seq_of, blk_of, runs, past_rows, visible = batch.derived(
+        ("paged_decode", hkv, block_size), lambda: _paged_decode_indices(batch, hkv, block_size))
     pairs = seq_of.numel()                                     # (sequence, block) pairs, in that order
-    start = blk_of * BLOCK_K
-    page = batch.block_table[seq_of, start // block_size].long()
-    heads = torch.arange(hkv, device=dev)
-    runs = (page[:, None] * hkv + heads[None, :]) * (block_size // BLOCK_K) + (start % block_size // BLOCK_K)[:, None]
-    kv = kv_cache.view(-1, BLOCK_K, d2).index_select(0, runs.reshape(-1))        # [P*Hkv, BLOCK_K, 2D]
+    kv = kv_cache.view(-1, BLOCK_K, d2).index_select(0, runs)                    # [P*Hkv, BLOCK_K, 2D]
     # values past a sequence's end are zeroed in the cache dtype before widening, as in
     # `_gather_pages` (only a sequence's last block has such positions)
-    key_pos = start[:, None] + torch.arange(BLOCK_K, device=dev)[None, :]       # [P, BLOCK_K]
-    pair, pos = (key_pos >= seq_lens[seq_of][:, None]).nonzero(as_tuple=True)
-    if pair.numel():
-        rows = (pair[:, None] * hkv + heads[None, :]) * BLOCK_K + pos[:, None]
-        kv.view(-1, d2)[:, d:].index_fill_(0, rows.reshape(-1), 0.0)
+    if past_rows.numel():
+        kv.view(-1, d2)[:, d:].index_fill_(0, past_rows, 0.0)
     k_t = torch.empty((pairs * hkv, d, BLOCK_K), dtype=torch.float32, device=dev)
     k_t.copy_(kv[..., :d].transpose(-1, -2))
     v_blocks = torch.empty((pairs * hkv, BLOCK_K, d), dtype=torch.float32, device=dev)
@@ -146,7 +159,6 @@ def _decode_paged(q: torch.Tensor, batch: BatchMeta, kv_cache: torch.Tensor, sca
     q_pad = F.pad(q.float().view(n, hkv, group, d), (0, 0, 0, TILE_Q - group))   # [B, Hkv, TILE_Q, D]
     scores = bmm_fixed(q_pad[seq_of].reshape(pairs * hkv, TILE_Q, d), k_t).view(pairs, hkv, TILE_Q, BLOCK_K)
     scores = scores[:, :, :group] * scale
-    visible = (key_pos <= ctx[seq_of][:, None]).view(pairs, 1, 1, BLOCK_K)      # key pos <= the token's
     scores = torch.where(visible, scores, torch.tensor(float("-inf"), device=dev))
     pair_max = scores.amax(dim=3)                                                 # [P, Hkv, group]
     row_max = pair_max.new_full((n, n_blocks, hkv, group), float("-inf"))
@@ -186,7 +198,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     q_lens, seq_lens = batch.query_lens, batch.seq_lens
     num_seqs = batch.num_seqs
     # one new token per sequence (decode): the rows need no scatter; same operands, same bits
-    decode = kv_cache is not None and n == num_seqs and bool((q_lens == 1).all())
+    decode = kv_cache is not None and n == num_seqs and batch.is_decode()
     if decode and group <= TILE_Q and kv_cache.is_contiguous() and kv_cache.shape[2] % BLOCK_K == 0:
         write_kv(kv_cache, k, v, batch.slot_mapping)
         return _decode_paged(q, batch, kv_cache, scale)

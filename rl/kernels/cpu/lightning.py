@@ -52,6 +52,19 @@ def _tables(log_decay_values: tuple[float, ...], chunk: int):
 STATE_IN_PLACE_BYTES = 256 << 10
 
 
+def _decode_indices(batch: BatchMeta, c: int, tq: int):
+    """What `_decode_step` derives from the split alone, the same for every lightning layer
+    of a call: per sequence the token's window offset j, row index, the sequences starting
+    fresh (no context), the token's query tile and row in it, the sequences whose window the
+    token completes."""
+    ctx = batch.context_lens
+    j = ctx % c
+    rows = torch.arange(ctx.numel(), device=ctx.device)
+    fresh = (ctx == 0).nonzero()[:, 0]
+    full = (j == c - 1).nonzero()[:, 0]
+    return j, rows, fresh, j // tq, j % tq, full
+
+
 def _decode_step(q, k, v, log_decay, batch: BatchMeta, state, c: int, tq: int) -> torch.Tensor:
     """One new token per sequence, with a state: the general path's arithmetic for this case
     (one window, one query tile per sequence; same products and element-wise steps, so the
@@ -60,17 +73,13 @@ def _decode_step(q, k, v, log_decay, batch: BatchMeta, state, c: int, tq: int) -
     n, h, d = q.shape
     s_pool, pend_pool = state
     slots = batch.state_indices
-    ctx = batch.context_lens
-    j = ctx % c                                                # the token's window offset
-    rows = torch.arange(n, device=q.device)
-    fresh = (ctx == 0).nonzero()[:, 0]
+    j, rows, fresh, t_in, r, full = batch.derived(("lightning_decode", c, tq), lambda: _decode_indices(batch, c, tq))
     if fresh.numel():                    # the slot holds whatever its previous owner left
         s_pool[slots[fresh]] = 0.0
         pend_pool[slots[fresh]] = 0.0
     pend_pool[slots, :, j] = torch.cat([k, v], -1).float()    # [B, H, 2D]
     q_decay, k_decay, intra_mask, window_decay = _tables(tuple(log_decay.tolist()), c)
     tiles_per_window = c // tq
-    t_in, r = j // tq, j % tq
     # the query tiles: row r holds the token, the other rows are zero (a product's row does
     # not depend on the other rows; the general path has zeros there too)
     qs = q.float() * (d ** -0.5)
@@ -98,7 +107,6 @@ def _decode_step(q, k, v, log_decay, batch: BatchMeta, state, c: int, tq: int) -
         intra = bmm_fixed(scores.reshape(-1, tq, c), vw.reshape(n * h, c, d)).view(n, h, tq, d)
         inter = bmm_fixed(qd.reshape(-1, tq, d), s_pool.index_select(0, slots).reshape(-1, d, d)).view(n, h, tq, d)
     out = inter[rows, :, r] + intra[rows, :, r]                # [N, H, D]: the live rows only
-    full = (j == c - 1).nonzero()[:, 0]                        # windows this token completes
     if full.numel():
         done = slots[full]
         window = pend_pool[done] if pend is None else pend[full]                 # [F, H, C, 2D]
@@ -124,7 +132,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     dev = q.device
     num_seqs = batch.num_seqs
     q_lens, ctx = batch.query_lens, batch.context_lens
-    if state is not None and n == num_seqs and bool((q_lens == 1).all()):
+    if state is not None and n == num_seqs and batch.is_decode():
         return _decode_step(q, k, v, log_decay, batch, state, c, tq)
     pend_lens = ctx % c
     seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=dev), q_lens)

@@ -108,9 +108,12 @@ def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor | None, packed=None) 
     if packed is None:
         packed = _packed(weight)
     if packed is not None:
+        if n_tiles == 1:                 # decode: one call on the whole (padded) input
+            y = _packed_linear(xp, packed, None, "none", [], "")
+            return y if m == xp.shape[0] else y[:m]
         tiles = [_packed_linear(xp[i * tile:(i + 1) * tile], packed, None, "none", [], "")
                  for i in range(n_tiles)]
-        return (tiles[0] if n_tiles == 1 else torch.cat(tiles))[:m]
+        return torch.cat(tiles)[:m]
     out = x.new_empty((n_tiles * tile, weight.shape[0]))
     w_t = weight.t()
     for i in range(n_tiles):
