@@ -23,7 +23,9 @@ Also runs, in the same run:
     read each step, so the MoE reads ~3x the weight bytes of the dense Qwen2 per token.
 
 Refuses to report if the lockstep engine's logprobs are not bit-identical to the trainer
-forward (checked on the timed batch's first samples).
+forward (checked on every sample of the timed batch unless --check-samples says fewer; with
+--trace the engine's forwards are recorded and, on a failure, replayed to name the first
+engine step that differs: see rollout/engine_trace.py).
 """
 from __future__ import annotations
 
@@ -50,25 +52,47 @@ def make_prompts(num: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def bench_lockstep(config_path: Path, prompts, new_tokens: int, check_samples: int, kernels: str) -> dict:
+def bench_lockstep(config_path: Path, prompts, new_tokens: int, check_samples: int | None, kernels: str,
+                   trace: Path | None = None) -> dict:
     from rl.model.checkpoint import load_model
     from rollout.parity import mismatches
     from rollout.worker import RolloutWorker
     worker = RolloutWorker(config_path, seed=0, temperature=1.0, engine=ENGINE, kernels=kernels)
     try:
         worker.generate(prompts[:4], {"max_new_tokens": 8, "seed": 0})             # warm-up
+        if trace is not None:
+            worker.trace_engine(trace)
         batch = worker.generate(prompts, {"max_new_tokens": new_tokens, "seed": 1})
+        if trace is not None:
+            worker.trace_engine(None)
         check = type(batch)(samples=batch.samples[:check_samples], weight_version=batch.weight_version,
                             temperature=batch.temperature)
-        problems = mismatches(check, load_model(worker.checkpoint).eval(), 1.0) if kernels == "lockstep" else []
+        problems = []
+        if kernels == "lockstep":
+            model = load_model(worker.checkpoint).eval()
+            problems = mismatches(check, model, 1.0)
+            if problems and trace is not None:
+                problems.append(_replay_report(trace, model))
         if problems:
             raise SystemExit("lockstep engine logprobs differ from the trainer forward; refusing to "
                              "report throughput:\n" + "\n".join(problems))
         return {"tokens": batch.stats["new_tokens"], "seconds": batch.stats["seconds"],
                 "tokens_per_s": batch.stats["tokens_per_s"], "startup_s": worker.startup_s,
-                "parity_checked_samples": len(check.samples) if kernels == "lockstep" else 0}
+                "parity_checked_samples": len(check.samples) if kernels == "lockstep" else 0,
+                "traced": trace is not None}
     finally:
         worker.shutdown()
+
+
+def _replay_report(trace: Path, model) -> str:
+    """Where the engine's forwards part from our kernels' (rollout.engine_trace)."""
+    from rollout.engine_trace import replay
+    model.prepack_for_inference()            # as the engine does (same bits)
+    steps, difference = replay(trace, model)
+    if difference is None:
+        return (f"engine trace {trace}: all {steps} engine forwards replay bit-identically outside the engine "
+                f"(the drift is the kernels' answer for the engine's batch compositions)")
+    return f"engine trace {trace}: {difference}"
 
 
 def qwen2_config(cfg) -> dict:
@@ -165,7 +189,11 @@ def main() -> int:
     parser.add_argument("--models", default="tiny,small")
     parser.add_argument("--prompts", type=int, default=None, help="default: tiny 64, small 16")
     parser.add_argument("--new-tokens", type=int, default=None, help="default: tiny 128, small 64")
-    parser.add_argument("--check-samples", type=int, default=4)
+    parser.add_argument("--check-samples", type=int, default=None,
+                        help="samples of the timed batch bit-compared with the trainer (default: all)")
+    parser.add_argument("--trace", default=None, help="record the lockstep engine's forwards of the timed "
+                        "batch into this directory (rollout.engine_trace; costs time) and, on a parity "
+                        "failure, replay them to find the first engine step that differs")
     parser.add_argument("--no-stock-ops", dest="stock_ops", action="store_false",
                         help="skip the run of our model with rl.kernels' stock ops")
     parser.add_argument("--no-ling", dest="ling", action="store_false",
@@ -181,7 +209,8 @@ def main() -> int:
         num_prompts = args.prompts or defaults.get(name, (16, 64))[0]
         new_tokens = args.new_tokens or defaults.get(name, (16, 64))[1]
         prompts = make_prompts(num_prompts, cfg.vocab_size)
-        ours = bench_lockstep(config_path, prompts, new_tokens, args.check_samples, "lockstep")
+        trace = Path(args.trace) / name if args.trace else None
+        ours = bench_lockstep(config_path, prompts, new_tokens, args.check_samples, "lockstep", trace)
         stock = bench_stock(qwen2_config(cfg), cfg, prompts, new_tokens)
         entry = {"prompts": num_prompts, "new_tokens": new_tokens, "prompt_tokens": sum(map(len, prompts)),
                  "lockstep": ours, "stock_qwen2": stock,

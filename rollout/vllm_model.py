@@ -37,6 +37,7 @@ from rl import kernels as K
 from rl.kernels import BatchMeta
 from rl.model.config import BailingMoeLinearV2Config
 from rl.model.modeling import BailingMoeLinearV2ForCausalLM
+from rollout.engine_trace import EngineTrace
 
 # hf_config attributes the RolloutWorker sets through vLLM's `hf_overrides`
 KERNELS_ATTR = "lockstep_kernels"
@@ -134,6 +135,7 @@ class LockstepBailingForCausalLM(nn.Module, HasInnerState, IsHybrid):
         self.weight_version: int | None = None
         self.update_error: str | None = None
         self.fault: str | None = None            # test hook: makes the next forward raise
+        self.trace: EngineTrace | None = None     # set by RolloutWorker.trace_engine
         self._lm_head_fp32: torch.Tensor | None = None     # see compute_logits
 
     # -- vLLM model interface ----------------------------------------------------------------
@@ -179,6 +181,9 @@ class LockstepBailingForCausalLM(nn.Module, HasInnerState, IsHybrid):
         for layer, batch, holder in zip(self.lm.model.layers, batches, self.cache_layers):
             h = layer(h, batch, pos, holder.kv_cache)
         out[:num_tokens] = self.lm.model.norm(h)
+        if self.trace is not None and input_ids is not None:
+            self.trace.record(input_ids[:num_tokens], positions[:num_tokens], batches,
+                              [holder.kv_cache for holder in self.cache_layers], out[:num_tokens])
         return out
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -430,6 +430,13 @@ class RolloutWorker:
                 totals[metric.name] = totals.get(metric.name, 0) + metric.value
         return totals
 
+    def trace_engine(self, directory: str | os.PathLike | None) -> None:
+        """Record every forward the engine runs from now on into `directory` (token ids,
+        batch metadata, hidden states; see rollout.engine_trace, whose `replay` re-runs them
+        outside the engine and names the first step that differs); None stops recording."""
+        with self._lock:
+            self._rpc("lockstep_trace", None if directory is None else str(directory))
+
     def inject_fault(self, message: str = "lockstep: injected fault") -> None:
         """Make the engine's next forward raise (tests of engine death)."""
         with self._lock:

@@ -26,3 +26,8 @@ class LockstepWorkerExtension:
     def lockstep_inject_fault(self, message: str) -> None:
         """Test hook: the next forward raises RuntimeError(message), killing the engine."""
         self._lockstep_model().fault = message
+
+    def lockstep_trace(self, directory: str | None) -> None:
+        """Record every forward into `directory` (rollout.engine_trace); None stops."""
+        from rollout.engine_trace import EngineTrace
+        self._lockstep_model().trace = None if directory is None else EngineTrace(directory)

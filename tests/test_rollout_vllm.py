@@ -62,6 +62,28 @@ def test_generation_is_bitwise_equal_to_trainer_forward(worker, model_v0):
     assert_parity(batch, model_v0, 1.0)
 
 
+def test_engine_trace_replays_bit_identically_and_names_a_differing_step(worker, model_v0, tmp_path):
+    from rollout.engine_trace import replay, step_files
+    worker.trace_engine(tmp_path)
+    worker.generate(make_prompts(), {"max_new_tokens": 12, "seed": 3}, n=2)
+    worker.trace_engine(None)
+    files = step_files(tmp_path)
+    assert len(files) >= 12                      # one prefill step at least, then 11 decode steps
+    worker.generate(make_prompts()[:2], {"max_new_tokens": 4, "seed": 3})
+    assert len(step_files(tmp_path)) == len(files), "the trace kept recording after it was stopped"
+    steps, difference = replay(tmp_path, model_v0)
+    assert difference is None, str(difference)
+    assert steps == len(files)
+    # an engine step that computed anything else is found: one element of step 3's output
+    record = torch.load(files[2])
+    row = int(record["metas"][0]["query_start_loc"][1])          # the second request's first token
+    value = record["hidden"][row, 0]
+    record["hidden"][row, 0] = 1.0 if value == 0 else -value
+    torch.save(record, files[2])
+    steps, difference = replay(tmp_path, model_v0)
+    assert (steps, difference.step, difference.requests, difference.what) == (3, 3, [1], "hidden states")
+
+
 def reference_tokens(model, prompts, max_new_tokens, temperature, seed):
     from rollout.reference import generate
     return [g.tokens for g in generate(model, prompts, max_new_tokens, temperature=temperature, seed=seed)]
