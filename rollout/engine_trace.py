@@ -14,6 +14,9 @@ the same order through a trainer-side model on fresh caches of those shapes and 
 step's hidden states bit for bit. Every step equal: the engine computed exactly what our
 kernels compute for its batches, and any drift is the kernels' (compare the trainer forward).
 The first unequal step names the requests (rows of `query_start_loc`) whose tokens differ.
+
+Exact only without prefix caching: with it vLLM copies linear-attention states between slots
+outside the forward ("align" mode), which the replay does not see.
 """
 from __future__ import annotations
 
