@@ -22,6 +22,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--micro-batch-size", type=int, default=3, help="trainer recompute micro-batch size")
     p.add_argument("--device", default="cpu", help="cpu, or cuda for the triton backend (reference backend)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="vllm backend: record every engine forward in DIR and replay it here, naming the "
+                        "first engine step that differs from these kernels (prefix caching off for the run)")
     p.set_defaults(func=main)
 
 
@@ -37,6 +40,9 @@ def render(result: dict) -> None:
         table.add_row(key, f"{v:.6g}" if isinstance(v, float) else str(v))
     fd = result["first_divergent"]
     table.add_row("first_divergent", "none (bit-identical)" if fd is None else f"layer {fd['layer']}: {fd['component']}")
+    if "engine_trace" in result:
+        tr = result["engine_trace"]
+        table.add_row("engine replay", f"{tr['steps']} steps, " + (tr["first_difference"] or "all bit-identical"))
     Console(stderr=False).print(table)
 
 
@@ -46,11 +52,15 @@ def main(args) -> int:
         if getattr(args, name) < 1:
             print(f"lockstep mismatch: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if args.trace is not None and args.backend != "vllm":
+        print("lockstep mismatch: --trace: only the vllm backend has an engine to trace", file=sys.stderr)
+        return 2
     if args.temperature <= 0:
         print("lockstep mismatch: --temperature must be > 0", file=sys.stderr)
         return 2
     result = run_mismatch(args.model, args.backend, args.prompts, args.max_new_tokens, args.samples,
-                          args.temperature, args.seed, args.kernels, args.micro_batch_size, device=args.device)
+                          args.temperature, args.seed, args.kernels, args.micro_batch_size, device=args.device,
+                          trace=args.trace)
     render(result)
     if args.json:
         with open(args.json, "w") as f:

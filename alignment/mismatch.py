@@ -73,8 +73,14 @@ def localise(model, prompt, response, temperature):
 
 def run_mismatch(model_path: str, backend: str = "reference", num_prompts: int = 32, max_new_tokens: int = 96,
                  samples: int = 1, temperature: float = 1.0, seed: int = 0, kernels: str = "lockstep",
-                 micro_batch_size: int = 3, engine_kwargs: dict | None = None, device: str = "cpu") -> dict:
+                 micro_batch_size: int = 3, engine_kwargs: dict | None = None, device: str = "cpu",
+                 trace: str | None = None) -> dict:
+    """`trace` (vllm backend): record the engine's forwards in that directory and replay them
+    here (rollout.engine_trace): the result's `engine_trace` names the first engine step whose
+    hidden states differ from this process's kernels on the same batch, or none."""
     K.set_kernels(kernels)
+    if trace is not None and backend != "vllm":
+        raise ValueError("--trace: only the vllm backend has an engine to trace")
     torch.manual_seed(seed)
     if backend == "vllm" and device != "cpu":
         raise ValueError("--device: the vllm backend recomputes on the CPU here; use --device cpu")
@@ -89,7 +95,7 @@ def run_mismatch(model_path: str, backend: str = "reference", num_prompts: int =
     elif backend == "vllm":
         from alignment.vllm_backend import generate_vllm
         results = generate_vllm(model_path, prompts, max_new_tokens, samples, temperature, seed, kernels,
-                                engine_kwargs or {})
+                                engine_kwargs or {}, trace)
     else:
         raise ValueError(f"--backend: unknown {backend!r}; allowed: reference, vllm")
     seq_prompts = [list(r[0]) for r in results]
@@ -103,7 +109,13 @@ def run_mismatch(model_path: str, backend: str = "reference", num_prompts: int =
         first = localise(model, seq_prompts[bad], responses[bad], temperature)
         if first is None:
             first = {"layer": None, "component": f"{backend} engine (reference replay matches the trainer)"}
-    return {**metrics, "first_divergent": first, "kernels": kernels, "backend": backend,
-            "sequences": len(results), "prompts": num_prompts, "samples": samples,
-            "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-            "model": str(model_path), "device": device}
+    result = {**metrics, "first_divergent": first, "kernels": kernels, "backend": backend,
+              "sequences": len(results), "prompts": num_prompts, "samples": samples,
+              "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+              "model": str(model_path), "device": device}
+    if trace is not None:
+        from rollout.engine_trace import replay
+        steps, difference = replay(trace, model)
+        result["engine_trace"] = {"directory": str(trace), "steps": steps, "prefix_caching": False,
+                                  "first_difference": None if difference is None else str(difference)}
+    return result

@@ -34,16 +34,22 @@ def engine_kwargs_from_env() -> dict:
 
 
 def generate_vllm(model_path_or_config, prompts: list[list[int]], max_new_tokens: int, samples: int,
-                  temperature: float, seed: int, kernels: str = "lockstep",
-                  engine_kwargs: dict | None = None) -> list[tuple[list[int], list[int], list[float]]]:
+                  temperature: float, seed: int, kernels: str = "lockstep", engine_kwargs: dict | None = None,
+                  trace: str | None = None) -> list[tuple[list[int], list[int], list[float]]]:
     """A config JSON gets the random weights `torch.manual_seed(seed); load_model(config)` gives,
-    the same the recompute side builds."""
+    the same the recompute side builds. `trace`: record the engine's forwards there
+    (rollout.engine_trace; prefix caching is turned off for a traced run, since its state copies
+    happen outside the forwards a replay re-runs)."""
     from rollout.worker import RolloutWorker   # lazy: only this backend needs vLLM
 
     engine = {**engine_kwargs_from_env(), **(engine_kwargs or {})}
+    if trace is not None:
+        engine["enable_prefix_caching"] = False
     worker = RolloutWorker(model_path_or_config, kernels=kernels, temperature=temperature,
                            engine=engine, seed=seed)
     try:
+        if trace is not None:
+            worker.trace_engine(trace)
         batch = worker.generate(prompts, {"max_new_tokens": max_new_tokens, "seed": seed,
                                           "temperature": temperature}, n=samples)
     finally:

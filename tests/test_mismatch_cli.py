@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests_paths import ROOT, TINY
 
 
@@ -41,3 +43,25 @@ def test_mismatch_bad_arguments(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rl.cli", "mismatch", "--model", str(TINY), "--prompts", "0"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "--prompts must be >= 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_mismatch_vllm_backend_with_engine_trace(tmp_path):
+    """The CLI on the vLLM backend reads 0.0, and --trace replays every engine forward here bit
+    for bit (rollout.engine_trace)."""
+    trace = tmp_path / "trace"
+    result, stdout = _run(tmp_path, "--backend", "vllm", "--prompts", "6", "--max-new-tokens", "20",
+                          "--samples", "2", "--trace", str(trace))
+    assert result["backend"] == "vllm" and result["tokens"] == 6 * 2 * 20
+    assert result["max_abs_logprob_diff"] == 0.0 and result["frac_bitwise_equal"] == 1.0
+    replayed = result["engine_trace"]
+    assert replayed["first_difference"] is None and replayed["prefix_caching"] is False
+    assert replayed["steps"] == len(list(trace.glob("step*.pt"))) >= 20
+    assert "engine replay" in stdout
+
+
+def test_mismatch_trace_needs_the_vllm_backend(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rl.cli", "mismatch", "--model", str(TINY), "--prompts", "1",
+                           "--max-new-tokens", "2", "--trace", str(tmp_path / "t")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--trace: only the vllm backend" in proc.stderr
