@@ -307,12 +307,14 @@ def test_lightning_prefill_decode_bitwise(chunk, d):
 
 
 def test_lightning_decode_step_skip_same_bits():
-    """A decode step whose meta says max_query_len 1 launches only the tile kernel; without
-    that host figure all three kernels run. Output, S and pending must be the same bits."""
+    """A decode step whose meta says max_query_len 1 launches only the tile kernel, in its
+    DECODE form (rows read straight from the token index); without that host figure all three
+    kernels run, the tile kernel in its general form. Output, S and pending must be the same
+    bits. q/k/v are strided views of one packed tensor, as the model's projection gives."""
     h, d, chunk = 16, 128, 64
     ctx = [0, 1, 15, 16, 62, 63, 64, 127, 200]          # fresh, mid-window, window-completing steps
     n = len(ctx)
-    q, k, v = (torch.randn(n, h, d, device=DEV).mul(0.3).to(BF16) for _ in range(3))
+    q, k, v = torch.randn(n, 3, h, d, device=DEV).mul(0.3).to(BF16).unbind(1)
     s0 = torch.randn(n + 1, h, d, d, device=DEV) * 0.01
     p0 = torch.randn(n + 1, h, chunk, 2 * d, device=DEV).to(BF16).float()
     ld = _slopes(h)
