@@ -27,6 +27,11 @@ class RolloutPool:
         return self._cls.remote(self.model_path, kernels=self.kernels, temperature=self.cfg.temperature,
                                 engine=self.cfg.engine, seed=self.seed + index, weight_version=self.version)
 
+    def fingerprints(self) -> list[dict]:
+        """Each worker's engine build fingerprint (rl.model.fingerprint)."""
+        import ray
+        return ray.get([w.fingerprint.remote() for w in self.workers])
+
     def update_weights(self, version: int, weights) -> None:
         import ray
         self.weights_ref = ray.put(weights)

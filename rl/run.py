@@ -76,9 +76,20 @@ class Run:
             self.critic = TrainerGroup("critic", critic_path, cfg.trainer, cfg.algo, cfg.placement.trainer_world_size,
                                        num_cpus_per_worker=opts["num_cpus"], num_gpus_per_worker=opts["num_gpus"])
         self.rollout = RolloutPool(cfg.rollout, model_path, cfg.model.kernels, cfg.seed, plan["rollout_actor_options"])
+        self.check_builds()
         self.check = AlignmentCheck(cfg.alignment.on_drift, cfg.alignment.threshold)
         if latest is not None:
             self.restore(latest)
+
+    def check_builds(self) -> None:
+        """The trainer ranks and every rollout engine must run the same model/kernel source,
+        torch and triton (rl.model.fingerprint); a difference stops the run before step 1."""
+        from rl.model.fingerprint import check_same_build
+        trainer = self.actor.run("fingerprint")
+        others = {f"trainer rank {r}": fp for r, fp in enumerate(trainer[1:], 1)}
+        others.update({f"rollout worker {i}": fp for i, fp in enumerate(self.rollout.fingerprints())})
+        for warning in check_same_build("trainer rank 0", trainer[0], others):
+            log.warning("hardware differs (the drift check will tell whether the bits do): %s", warning)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:

@@ -36,6 +36,7 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from rl import kernels as K
 from rl.kernels import BatchMeta
 from rl.model.config import BailingMoeLinearV2Config
+from rl.model.fingerprint import fingerprint
 from rl.model.modeling import BailingMoeLinearV2ForCausalLM
 from rollout.engine_trace import EngineTrace
 
@@ -120,6 +121,8 @@ class LockstepBailingForCausalLM(nn.Module, HasInnerState, IsHybrid):
         # exactly what rl.model.checkpoint.load_model builds (buffers converted too)
         self.lm = BailingMoeLinearV2ForCausalLM(config).to(dtype=vllm_config.model_config.dtype)
         self.lm.eval().requires_grad_(False)      # inference only: no autograd bookkeeping
+        # the source / torch / triton this engine computes with (RolloutWorker compares it with its own)
+        self.build = fingerprint(self.lm.lm_head.weight.device)
         self.cache_layers = nn.ModuleList()
         for i in range(config.num_hidden_layers):
             name = f"{prefix}layers.{i}.cache" if not prefix else f"{prefix}.layers.{i}.cache"

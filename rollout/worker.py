@@ -132,7 +132,29 @@ class RolloutWorker:
         with self._log.capture():
             self._llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - started
+        try:
+            self.build = self._check_engine_build()
+        except BaseException:
+            self._shutdown_engine()
+            raise
         self._llm.llm_engine.set_weight_version(str(self._version))
+
+    def _check_engine_build(self) -> dict:
+        """The engine's build fingerprint, after checking it is this process's (the trainer-side
+        recompute here must compute the engine's bits). Raises BuildMismatch."""
+        from rl.model.fingerprint import BuildMismatch, check_same_build, fingerprint
+        engine = self._rpc("lockstep_build")[0]
+        try:
+            check_same_build("this RolloutWorker process", fingerprint(), {"its vLLM engine process": engine})
+        except BuildMismatch as err:
+            raise BuildMismatch(f"{err}. The engine process imported another copy of lockstep or torch "
+                                f"(PYTHONPATH, an editable install elsewhere) or the source changed while "
+                                f"it started") from None
+        return engine
+
+    def fingerprint(self) -> dict:
+        """Build fingerprint of the engine (rl.model.fingerprint): what rl.run compares with the trainer's."""
+        return self.build
 
     def restart(self) -> dict:
         """Tear down the engine (dead or alive) and start a fresh one from the checkpoint.

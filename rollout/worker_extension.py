@@ -15,6 +15,10 @@ class LockstepWorkerExtension:
         return {"weight_version": model.weight_version, "update_error": model.update_error,
                 "temperature": model.temperature, "kernels": K.get_kernels()}
 
+    def lockstep_build(self) -> dict[str, str | None]:
+        """The engine's build fingerprint (rl.model.fingerprint), as a flat dict."""
+        return {k: None if v is None else str(v) for k, v in self._lockstep_model().build.items()}
+
     def lockstep_weight_shapes(self) -> dict[str, list[int]]:
         """Every tensor an update must carry (HF names) and its shape."""
         return {name: list(t.shape) for name, t in self._lockstep_model().lm.state_dict().items()}

@@ -62,6 +62,15 @@ def test_generation_is_bitwise_equal_to_trainer_forward(worker, model_v0):
     assert_parity(batch, model_v0, 1.0)
 
 
+def test_engine_runs_this_process_build_and_a_difference_is_refused(worker, monkeypatch):
+    from rl.model import fingerprint as F
+    assert worker.fingerprint() == F.fingerprint()
+    # this process now "has other source" than the engine it started: the start-up check refuses
+    monkeypatch.setattr(F, "code_digest", lambda: "0" * 64)
+    with pytest.raises(F.BuildMismatch, match="its vLLM engine process vs this RolloutWorker process: code: "):
+        worker._check_engine_build()
+
+
 def test_engine_trace_replays_bit_identically_and_names_a_differing_step(worker, model_v0, tmp_path):
     from rollout.engine_trace import replay, step_files
     worker.trace_engine(tmp_path)

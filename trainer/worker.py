@@ -308,6 +308,11 @@ class TrainerWorker:
         import psutil
         return {"device": "cpu", "rss_bytes": psutil.Process().memory_info().rss}
 
+    def fingerprint(self) -> dict:
+        """Build fingerprint of this rank (rl.model.fingerprint): what rl.run compares with the rollout's."""
+        from rl.model.fingerprint import fingerprint
+        return fingerprint(self.device)
+
     def ready(self) -> int:
         """For `TrainerGroup`: returns once construction (and the rendezvous) has finished."""
         return self.rank
