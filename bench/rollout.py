@@ -72,6 +72,7 @@ def bench_lockstep(config_path: Path, prompts, new_tokens: int, check_samples: i
             model = load_model(worker.checkpoint).eval()
             problems = mismatches(check, model, 1.0)
             if problems and trace is not None:
+                problems.append(_recompute_report(trace, check, model, worker.checkpoint))
                 problems.append(_replay_report(trace, model))
         if problems:
             raise SystemExit("lockstep engine logprobs differ from the trainer forward; refusing to "
@@ -84,6 +85,23 @@ def bench_lockstep(config_path: Path, prompts, new_tokens: int, check_samples: i
         worker.shutdown()
 
 
+def _recompute_report(trace: Path, check, model, checkpoint) -> str:
+    """A failing check, looked at again in this process: the trainer recompute repeated with the
+    same model and with a freshly loaded one; all of it saved to trace/failure.pt (samples,
+    both recomputes) so that a fresh process can recompute the same tokens."""
+    from rl.model.checkpoint import load_model
+    from rollout.parity import trainer_logprobs
+    again = trainer_logprobs(model, check.samples, 1.0)
+    fresh = trainer_logprobs(load_model(checkpoint).eval(), check.samples, 1.0)
+    torch.save({"samples": [(s.prompt_index, s.sample_index, s.prompt_ids, s.response_ids, s.response_logprobs)
+                            for s in check.samples],
+                "recompute_again": again, "recompute_fresh_model": fresh, "threads": torch.get_num_threads()},
+               Path(trace) / "failure.pt")
+    same = lambda lps: sum(torch.equal(a, s.response_logprobs) for a, s in zip(lps, check.samples))
+    return (f"recomputed in this process: same model again {same(again)}/{len(again)} samples equal the engine, "
+            f"freshly loaded model {same(fresh)}/{len(fresh)}; samples and recomputes saved to {trace}/failure.pt")
+
+
 def _replay_report(trace: Path, model) -> str:
     """Where the engine's forwards part from our kernels' (rollout.engine_trace)."""
     from rollout.engine_trace import replay
@@ -91,7 +109,8 @@ def _replay_report(trace: Path, model) -> str:
     steps, difference = replay(trace, model)
     if difference is None:
         return (f"engine trace {trace}: all {steps} engine forwards replay bit-identically outside the engine "
-                f"(the drift is the kernels' answer for the engine's batch compositions)")
+                f"(the engine computed our kernels' answer for its batches: the difference is on the recompute "
+                f"side; recompute failure.pt's tokens in a fresh process to tell kernels from this process)")
     return f"engine trace {trace}: {difference}"
 
 
