@@ -586,6 +586,16 @@ LIGHTNING_VARIANTS = {
            dict(TILE_BV=128, TILE_WARPS=4, TILE_MAXNREG=None), dict(), dict(TILE_BV=32, TILE_WARPS=2, TILE_MAXNREG=None),
            dict(TILE_BV=32, TILE_WARPS=4, TILE_MAXNREG=96)],
 }
+# session 9: a tile program takes TILE_G V-blocks of its (sequence, head): k, q kᵀ and the
+# scores' split once for them, unrolled or a loop (TILE_STAGES: cp.async prefetch of the next
+# V-block's operands), against the shipped one V-block a program
+LIGHTNING_VARIANTS["d6"] = [
+    dict(), dict(TILE_G=2, TILE_MAXNREG=None), dict(TILE_G=2), dict(TILE_G=2, TILE_UNROLL=False, TILE_MAXNREG=None),
+    dict(TILE_G=2, TILE_UNROLL=False, TILE_STAGES=2, TILE_MAXNREG=None), dict(TILE_G=2, TILE_UNROLL=False, TILE_STAGES=2),
+    dict(TILE_G=2, TILE_WARPS=8, TILE_MAXNREG=None), dict(TILE_G=2, TILE_WARPS=8, TILE_MAXNREG=128),
+    dict(TILE_G=2, TILE_UNROLL=False, TILE_WARPS=8, TILE_MAXNREG=128),
+    dict(TILE_BV=32, TILE_G=4, TILE_UNROLL=False, TILE_STAGES=2, TILE_MAXNREG=None),
+    dict(TILE_BV=32, TILE_G=4, TILE_MAXNREG=None), dict()]
 # session 8 (kernels_gpu_h200_ltune20.json): a decode-only form of the tile kernel (no
 # query_start_loc read, no fit test, q/k/v rows read from the token index with the context
 # and slot, all at the start) gave the same bits but ran 0.2148 / 0.2150 ms by graph replay
