@@ -80,9 +80,7 @@ Q_TILE = 16       # Q_TILE >= C turns the tile kernel off (every sequence takes 
 TILE_BV = 64
 TILE_WARPS = 4
 TILE_MAXNREG = 168
-TILE_G = 1        # V-blocks a tile program takes (k, q kᵀ and the scores' split made once for them)
-TILE_UNROLL = True   # TILE_G > 1: the V-blocks unrolled, else a loop of TILE_STAGES stages
-TILE_STAGES = 1
+TILE_STORE = True   # the new rows' pending k/v written over the 16-row query tile, not the whole window
 
 
 @triton.jit
@@ -325,37 +323,24 @@ def _full_item(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, 
 
 
 @triton.jit
-def _mm_parts_a(a_hi, a_mid, a_lo, b, acc, PARTS: tl.constexpr):
-    """acc += a @ b with a given as its bf16 parts (`_split3`), smallest first: `_mm_f32a`'s
-    chain, for an operand split once and used against several b."""
-    if PARTS == 3:
-        acc = tl.dot(a_lo, b, acc)
-    acc = tl.dot(a_mid, b, acc)
-    acc = tl.dot(a_hi, b, acc)
-    return acc
-
-
-@triton.jit
 def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl_ptr, ctx_ptr,
                            qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
                            s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H,
                            D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, TQ: tl.constexpr,
                            HAS_STATE: tl.constexpr, MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.constexpr,
-                           G: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr):
+                           TILE_STORE: tl.constexpr):
     """Sequences whose new tokens lie in one TQ-row tile of one window (decode steps, short
     chunks): only that tile's rows, from the window's k/v (pending + new) and S, with the full
-    window's products restricted to TQ rows. A program takes G adjacent V-blocks of one
-    (sequence, head): the window's k, the scores q kᵀ and their split are made once and
-    serve its G V-blocks in turn (UNROLL: unrolled, else a loop of STAGES stages). The new
-    rows join `pending` here (rows >= pend, which no program of this launch reads). Operands
-    are loaded where they are used, and reloaded for the rare window-completing state update,
-    to keep few registers live (loading k, S and v together up front was 3% slower on the
-    H200, tune5)."""
-    seq, h, vbg, start, qlen, ctx, pend, used = _program(tl.program_id(0), qsl_ptr, ctx_ptr, H, D // BV // G, C,
-                                                         HAS_STATE)
+    window's products restricted to TQ rows. The new rows join `pending` here (rows >= pend,
+    which no program of this launch reads; TILE_STORE: loaded and stored over the TQ rows of the
+query tile, where they all lie, instead of the window's C rows). Operands are loaded where they are used, and
+    reloaded for the rare window-completing state update, to keep few registers live (loading
+    k, S and v together up front was 3% slower on the H200, tune5)."""
+    seq, h, vb, start, qlen, ctx, pend, used = _program(tl.program_id(0), qsl_ptr, ctx_ptr, H, D // BV, C, HAS_STATE)
     if _fits_tile(pend, used, qlen, C, TQ):
         ci = tl.arange(0, C)
         di = tl.arange(0, D)
+        vi = vb * BV + tl.arange(0, BV)
         ti = (pend // TQ) * TQ + tl.arange(0, TQ)
         is_pend = ci < pend
         is_new = (ci >= pend) & (ci < used)
@@ -363,78 +348,41 @@ def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr
         q_new = (ti >= pend) & (ti < used)
         q_tok = tl.where(q_new, start + ti - pend, 0).to(tl.int64)
         k_off = ci[:, None] * 2 * D + di[None, :]
+        v_off = ci[:, None] * 2 * D + D + vi[None, :]
+        s_off = di[:, None] * D + vi[None, :]
         s_base, p_base = _state_bases(s_ptr, pend_ptr, sidx_ptr, seq, h, H, D, C, HAS_STATE)
         q = _rows(q_ptr, q_tok, s_qn, s_qh, h, di, q_new)                       # [TQ, D]
         k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, k_off, is_pend, q.dtype, HAS_STATE)
         scores = _qk(q, k, MODE) * tl.load(intra_ptr + h * C * C + ti[:, None] * C + ci[None, :])
-        q_decay = tl.load(qdec_ptr + h * C + ti)
-        if G == 1:
-            _tile_vblock(k_ptr, v_ptr, o_ptr, kdec_ptr, wdec_ptr, s_kn, s_kh, s_vn, s_vh, H, h, vbg, start, ctx,
-                         pend, used, q_tok, q_new, s_base, p_base, q, scores, scores, scores, q_decay,
-                         D, C, BV, HAS_STATE, MODE, PARTS, TRUNC, False)
-        else:
-            if MODE == 3:
-                p_hi = scores
-                p_mid = scores
-                p_lo = scores
+        S = _load_state(s_base, s_off, ctx, D, BV, HAS_STATE)
+        inter = _mm_f32b(q, S, tl.zeros((TQ, BV), dtype=tl.float32), MODE, PARTS, TRUNC)
+        v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
+        out = _mm_f32a(scores, v, inter * tl.load(qdec_ptr + h * C + ti)[:, None], MODE, PARTS, TRUNC)
+        tl.store(o_ptr + (q_tok[:, None] * H + h) * D + vi[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=q_new[:, None])
+        if HAS_STATE:
+            if used == C:       # the window is complete: S moves on (as in the full-window kernel)
+                k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, k_off, is_pend, q.dtype, HAS_STATE)
+                v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
+                S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
+                v_dec = v.to(tl.float32) * tl.load(kdec_ptr + h * C + ci)[:, None]
+                S = _mm_f32b(tl.trans(k), v_dec, S * tl.load(wdec_ptr + h), MODE, PARTS, TRUNC)
+                tl.store(s_base + s_off, S)
             else:
-                p_hi, p_mid, p_lo = _split3(scores, TRUNC)
-            if UNROLL:
-                for j in tl.static_range(G):
-                    _tile_vblock(k_ptr, v_ptr, o_ptr, kdec_ptr, wdec_ptr, s_kn, s_kh, s_vn, s_vh, H, h, vbg * G + j,
-                                 start, ctx, pend, used, q_tok, q_new, s_base, p_base, q, p_hi, p_mid, p_lo,
-                                 q_decay, D, C, BV, HAS_STATE, MODE, PARTS, TRUNC, MODE != 3)
-            else:
-                for j in tl.range(0, G, num_stages=STAGES):
-                    _tile_vblock(k_ptr, v_ptr, o_ptr, kdec_ptr, wdec_ptr, s_kn, s_kh, s_vn, s_vh, H, h, vbg * G + j,
-                                 start, ctx, pend, used, q_tok, q_new, s_base, p_base, q, p_hi, p_mid, p_lo,
-                                 q_decay, D, C, BV, HAS_STATE, MODE, PARTS, TRUNC, MODE != 3)
-
-
-@triton.jit
-def _tile_vblock(k_ptr, v_ptr, o_ptr, kdec_ptr, wdec_ptr, s_kn, s_kh, s_vn, s_vh, H, h, vb, start, ctx, pend, used,
-                 q_tok, q_new, s_base, p_base, q, p_hi, p_mid, p_lo, q_decay,
-                 D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr, MODE: tl.constexpr,
-                 PARTS: tl.constexpr, TRUNC: tl.constexpr, PRESPLIT: tl.constexpr):
-    """One V-block of a tile-kernel program: q·S[:, V-block], the scores times the window's
-    v, the output rows; the state update or the new rows' pending k/v. The scores come split
-    (PRESPLIT: p_hi, p_mid, p_lo its parts) or whole (p_hi). Row indices are made here, not
-    passed in, so that a loop over V-blocks keeps none of them live."""
-    ci = tl.arange(0, C)
-    di = tl.arange(0, D)
-    is_pend = ci < pend
-    is_new = (ci >= pend) & (ci < used)
-    tok = tl.where(is_new, start + ci - pend, 0).to(tl.int64)
-    k_off = ci[:, None] * 2 * D + di[None, :]
-    TQ: tl.constexpr = q.shape[0]
-    vi = vb * BV + tl.arange(0, BV)
-    v_off = ci[:, None] * 2 * D + D + vi[None, :]
-    s_off = di[:, None] * D + vi[None, :]
-    S = _load_state(s_base, s_off, ctx, D, BV, HAS_STATE)
-    inter = _mm_f32b(q, S, tl.zeros((TQ, BV), dtype=tl.float32), MODE, PARTS, TRUNC)
-    v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
-    if PRESPLIT:
-        out = _mm_parts_a(p_hi, p_mid, p_lo, v, inter * q_decay[:, None], PARTS)
-    else:
-        out = _mm_f32a(p_hi, v, inter * q_decay[:, None], MODE, PARTS, TRUNC)
-    tl.store(o_ptr + (q_tok[:, None] * H + h) * D + vi[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=q_new[:, None])
-    if HAS_STATE:
-        if used == C:       # the window is complete: S moves on (as in the full-window kernel)
-            k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, k_off, is_pend, q.dtype, HAS_STATE)
-            v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
-            S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
-            v_dec = v.to(tl.float32) * tl.load(kdec_ptr + h * C + ci)[:, None]
-            S = _mm_f32b(tl.trans(k), v_dec, S * tl.load(wdec_ptr + h), MODE, PARTS, TRUNC)
-            tl.store(s_base + s_off, S)
-        else:
-            if ctx == 0:    # a fresh slot starts from zero whatever it held
-                tl.store(s_base + s_off, tl.zeros((D, BV), dtype=tl.float32))
-            if vb == 0:
-                kn = _rows(k_ptr, tok, s_kn, s_kh, h, di, is_new)
-                tl.store(p_base + k_off, kn.to(tl.float32), mask=is_new[:, None])
-            vn = _rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new)
-            tl.store(p_base + v_off, vn.to(tl.float32), mask=is_new[:, None])
+                if ctx == 0:    # a fresh slot starts from zero whatever it held
+                    tl.store(s_base + s_off, tl.zeros((D, BV), dtype=tl.float32))
+                if TILE_STORE:
+                    if vb == 0:
+                        kn = _rows(k_ptr, q_tok, s_kn, s_kh, h, di, q_new)
+                        tl.store(p_base + ti[:, None] * 2 * D + di[None, :], kn.to(tl.float32), mask=q_new[:, None])
+                    vn = _rows(v_ptr, q_tok, s_vn, s_vh, h, vi, q_new)
+                    tl.store(p_base + ti[:, None] * 2 * D + D + vi[None, :], vn.to(tl.float32), mask=q_new[:, None])
+                else:
+                    if vb == 0:
+                        kn = _rows(k_ptr, tok, s_kn, s_kh, h, di, is_new)
+                        tl.store(p_base + k_off, kn.to(tl.float32), mask=is_new[:, None])
+                    vn = _rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new)
+                    tl.store(p_base + v_off, vn.to(tl.float32), mask=is_new[:, None])
 
 
 @triton.jit
@@ -547,10 +495,9 @@ def _lightning_fast(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
             q_dec, k_dec, intra, w_dec, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), h)
     if tile:
-        tg = min(TILE_G, d // tbv)
-        _lightning_tile_kernel[(batch.num_seqs * h * (d // tbv // tg),)](
+        _lightning_tile_kernel[(batch.num_seqs * h * (d // tbv),)](
             *args, D=d, C=chunk_size, BV=tbv, TQ=tq, HAS_STATE=has_state, MODE=mode, PARTS=SPLIT_PARTS,
-            TRUNC=TRUNC_SPLIT, G=tg, UNROLL=TILE_UNROLL, STAGES=TILE_STAGES, num_warps=TILE_WARPS, num_stages=1,
+            TRUNC=TRUNC_SPLIT, TILE_STORE=TILE_STORE, num_warps=TILE_WARPS, num_stages=1,
             maxnreg=TILE_MAXNREG)
     if tile and batch.max_query_len is not None and batch.max_query_len <= 1:
         return o    # a decode step: every sequence fits one tile, the other two kernels would find no work
