@@ -592,9 +592,14 @@ LIGHTNING_VARIANTS = {
 # G=2 4 warps 0.236 (no cap) / 0.264 (cap 168), loop 0.258, loop 2 stages 0.428 / 0.561,
 # 8 warps 0.295 / 0.266 (cap 128), 8-warp loop 0.271; 32 columns G=4 loop 2 stages 0.223,
 # unrolled 0.235; against one V-block a program 0.216 / 0.216 (first / last row). Removed.
-# Session 9 second round: the new rows' pending k/v loaded and stored over the 16-row query
-# tile instead of the 64-row window (TILE_STORE; 9% fewer SASS instructions, Triton 3.6)
+# Session 9 second round (kernels_gpu_h200_ltune23.json): the new rows' pending k/v loaded and
+# stored over the 16-row query tile instead of the 64-row window (TILE_STORE; 9% fewer SASS
+# instructions in a Triton 3.6 compile): same bits, graph replay 0.2119 -> 0.2085 / 0.2079 ms
+# (alternating rows). Kept.
 LIGHTNING_VARIANTS["d7"] = [dict(TILE_STORE=False), dict(), dict(TILE_STORE=False), dict()]
+# third round: the tile kernel over the window's first 16 / 32 / 64 rows, whichever reaches
+# the query tile's end (TILE_SKIP; the rows after it are zeros)
+LIGHTNING_VARIANTS["d8"] = [dict(TILE_SKIP=True), dict(TILE_SKIP=False), dict(TILE_SKIP=True), dict(TILE_SKIP=False)]
 # session 8 (kernels_gpu_h200_ltune20.json): a decode-only form of the tile kernel (no
 # query_start_loc read, no fit test, q/k/v rows read from the token index with the context
 # and slot, all at the start) gave the same bits but ran 0.2148 / 0.2150 ms by graph replay
