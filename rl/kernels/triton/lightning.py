@@ -10,8 +10,9 @@ and at the end of a full window S ← λ^C S + Σ_s kᵀ_s (λ^{C-1-s} v_s).
 Two kernels, each work item a (sequence, head, V-block) (the V-blocks of a head adjacent in
 launch order), each taking the sequences the other leaves:
   - `_lightning_tile_kernel`: sequences whose new tokens lie in one Q_TILE-row query tile of
-    one window (a decode step, a short chunk) compute only that tile: [Q_TILE, D] x [D, C],
-    [Q_TILE, C] x [C, BV], [Q_TILE, D] x [D, BV] products (the cpu backend's Q_TILE rows too).
+    one window (a decode step, a short chunk) compute only that tile: [Q_TILE, D] x [D, R],
+    [Q_TILE, R] x [R, BV], [Q_TILE, D] x [D, BV] products, R <= C the window rows up to the
+    tile's end (the cpu backend's Q_TILE rows too).
   - `_lightning_kernel`: the rest; an item walks its sequence's windows in order, holding
     S[:, V-block] in fp32 registers, every row of a window at once ([C, .] products). Its grid
     is at most FULL_PROGS_PER_SM programs an SM, each screening its items (item = pid + j·grid)
@@ -20,7 +21,11 @@ launch order), each taking the sequences the other leaves:
     launched 255-register programs that exit (run 16: decode 0.31 -> 0.25 ms).
 A decode step (host-known `max_query_len` 1: every sequence fits one tile) launches the tile
 kernel alone; the decay tables are kept on the layer's log-decay tensor between calls (session
-7: decode graph replay 0.219 -> 0.212 ms).
+7: decode graph replay 0.219 -> 0.212 ms). The tile kernel works over the window's first 16,
+32 or 64 rows, whichever reach the end of its query tile (the rows after it are zeros: their
+products are exact zeros, and leaving them out moves no bit; tests/gpu and the bench check
+every window offset), and writes the new rows' pending k/v over its 16 query rows (session 9:
+decode graph replay 0.212 -> 0.209 -> 0.195 ms).
 The per-request state holds S at the last window boundary plus the fp32 k/v of the ≤C-1
 tokens since (`pending`); both kernels rebuild the partial window from them. Rows of a window
 that are not (yet) there are zero and contribute exact zeros. A row's products are the same
@@ -80,8 +85,9 @@ Q_TILE = 16       # Q_TILE >= C turns the tile kernel off (every sequence takes 
 TILE_BV = 64
 TILE_WARPS = 4
 TILE_MAXNREG = 168
-TILE_STORE = True   # the new rows' pending k/v written over the 16-row query tile, not the whole window
-TILE_SKIP = False   # the window's rows after the query tile left out (zeros: exact zero products)
+# session 9 (kernels_gpu_h200_ltune23.json / ltune24.json, graph replay of the B256 decode):
+TILE_STORE = True   # the new rows' pending k/v written over the 16-row query tile, not the window: 0.212 -> 0.208 ms
+TILE_SKIP = True    # the window's rows after the query tile left out (16/32/64-row forms): 0.210 -> 0.195 ms
 
 
 @triton.jit
@@ -522,8 +528,8 @@ def _lightning_fast(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
     if tile:
         _lightning_tile_kernel[(batch.num_seqs * h * (d // tbv),)](
             *args, D=d, C=chunk_size, BV=tbv, TQ=tq, HAS_STATE=has_state, MODE=mode, PARTS=SPLIT_PARTS,
-            TRUNC=TRUNC_SPLIT, TILE_STORE=TILE_STORE, SKIP=TILE_SKIP, LOG_TILES=(chunk_size // tq).bit_length() - 1, num_warps=TILE_WARPS, num_stages=1,
-            maxnreg=TILE_MAXNREG)
+            TRUNC=TRUNC_SPLIT, TILE_STORE=TILE_STORE, SKIP=TILE_SKIP, LOG_TILES=(chunk_size // tq).bit_length() - 1,
+            num_warps=TILE_WARPS, num_stages=1, maxnreg=TILE_MAXNREG)
     if tile and batch.max_query_len is not None and batch.max_query_len <= 1:
         return o    # a decode step: every sequence fits one tile, the other two kernels would find no work
     n_items = batch.num_seqs * h * (d // bv)
