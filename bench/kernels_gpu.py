@@ -386,7 +386,8 @@ def bench_lightning():
     record("lightning prefill vs fla g_gamma", lambda: (True, ""), c["prefill"], c["base_gamma"], None,
            "fla chunk_simple_gla (g_gamma)")
     from rl.kernels.triton import lightning as L
-    run9 = dict(TRUNC_SPLIT=False, FULL_PROGS_PER_SM=0, TILE_WARPS=8, TILE_MAXNREG=128)
+    run9 = dict(TRUNC_SPLIT=False, FULL_PROGS_PER_SM=0, TILE_WARPS=8, TILE_MAXNREG=128, TILE_STORE=False,
+                TILE_SKIP=False)
     with consts(L, **run9):
         record("lightning prefill B8 T4096, run-9 settings (round-to-nearest split)", c["prefill_check"], c["prefill"],
                c["base_g"], None, "fla chunk_simple_gla (g = Ring slope)",
@@ -586,6 +587,22 @@ LIGHTNING_VARIANTS = {
            dict(TILE_BV=128, TILE_WARPS=4, TILE_MAXNREG=None), dict(), dict(TILE_BV=32, TILE_WARPS=2, TILE_MAXNREG=None),
            dict(TILE_BV=32, TILE_WARPS=4, TILE_MAXNREG=96)],
 }
+# session 9 (kernels_gpu_h200_ltune22.json): a tile program taking TILE_G V-blocks of its
+# (sequence, head) (k, q kᵀ and the scores' split made once for them), unrolled or a loop
+# with cp.async prefetch (TILE_STAGES 2), gave the shipped bits and ran slower by graph replay:
+# G=2 4 warps 0.236 (no cap) / 0.264 (cap 168), loop 0.258, loop 2 stages 0.428 / 0.561,
+# 8 warps 0.295 / 0.266 (cap 128), 8-warp loop 0.271; 32 columns G=4 loop 2 stages 0.223,
+# unrolled 0.235; against one V-block a program 0.216 / 0.216 (first / last row). Removed.
+# Session 9 second round (kernels_gpu_h200_ltune23.json): the new rows' pending k/v loaded and
+# stored over the 16-row query tile instead of the 64-row window (TILE_STORE; 9% fewer SASS
+# instructions in a Triton 3.6 compile): same bits, graph replay 0.2119 -> 0.2085 / 0.2079 ms
+# (alternating rows). Kept.
+LIGHTNING_VARIANTS["d7"] = [dict(TILE_STORE=False), dict(), dict(TILE_STORE=False), dict()]
+# third round (kernels_gpu_h200_ltune24.json): the tile kernel over the window's first 16 / 32 /
+# 64 rows, whichever reaches the query tile's end (TILE_SKIP; the rows after it are zeros):
+# same bits (output, S, pending; every window offset against the full forward), graph replay
+# 0.2100 / 0.2102 -> 0.1945 / 0.1946 ms (alternating rows). Kept.
+LIGHTNING_VARIANTS["d8"] = [dict(TILE_SKIP=True), dict(TILE_SKIP=False), dict(TILE_SKIP=True), dict(TILE_SKIP=False)]
 # session 8 (kernels_gpu_h200_ltune20.json): a decode-only form of the tile kernel (no
 # query_start_loc read, no fit test, q/k/v rows read from the token index with the context
 # and slot, all at the start) gave the same bits but ran 0.2148 / 0.2150 ms by graph replay

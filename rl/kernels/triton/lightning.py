@@ -10,8 +10,9 @@ and at the end of a full window S ← λ^C S + Σ_s kᵀ_s (λ^{C-1-s} v_s).
 Two kernels, each work item a (sequence, head, V-block) (the V-blocks of a head adjacent in
 launch order), each taking the sequences the other leaves:
   - `_lightning_tile_kernel`: sequences whose new tokens lie in one Q_TILE-row query tile of
-    one window (a decode step, a short chunk) compute only that tile: [Q_TILE, D] x [D, C],
-    [Q_TILE, C] x [C, BV], [Q_TILE, D] x [D, BV] products (the cpu backend's Q_TILE rows too).
+    one window (a decode step, a short chunk) compute only that tile: [Q_TILE, D] x [D, R],
+    [Q_TILE, R] x [R, BV], [Q_TILE, D] x [D, BV] products, R <= C the window rows up to the
+    tile's end (the cpu backend's Q_TILE rows too).
   - `_lightning_kernel`: the rest; an item walks its sequence's windows in order, holding
     S[:, V-block] in fp32 registers, every row of a window at once ([C, .] products). Its grid
     is at most FULL_PROGS_PER_SM programs an SM, each screening its items (item = pid + j·grid)
@@ -20,7 +21,11 @@ launch order), each taking the sequences the other leaves:
     launched 255-register programs that exit (run 16: decode 0.31 -> 0.25 ms).
 A decode step (host-known `max_query_len` 1: every sequence fits one tile) launches the tile
 kernel alone; the decay tables are kept on the layer's log-decay tensor between calls (session
-7: decode graph replay 0.219 -> 0.212 ms).
+7: decode graph replay 0.219 -> 0.212 ms). The tile kernel works over the window's first 16,
+32 or 64 rows, whichever reach the end of its query tile (the rows after it are zeros: their
+products are exact zeros, and leaving them out moves no bit; tests/gpu and the bench check
+every window offset), and writes the new rows' pending k/v over its 16 query rows (session 9:
+decode graph replay 0.212 -> 0.209 -> 0.195 ms).
 The per-request state holds S at the last window boundary plus the fp32 k/v of the ≤C-1
 tokens since (`pending`); both kernels rebuild the partial window from them. Rows of a window
 that are not (yet) there are zero and contribute exact zeros. A row's products are the same
@@ -80,6 +85,9 @@ Q_TILE = 16       # Q_TILE >= C turns the tile kernel off (every sequence takes 
 TILE_BV = 64
 TILE_WARPS = 4
 TILE_MAXNREG = 168
+# session 9 (kernels_gpu_h200_ltune23.json / ltune24.json, graph replay of the B256 decode):
+TILE_STORE = True   # the new rows' pending k/v written over the 16-row query tile, not the window: 0.212 -> 0.208 ms
+TILE_SKIP = True    # the window's rows after the query tile left out (16/32/64-row forms): 0.210 -> 0.195 ms
 
 
 @triton.jit
@@ -326,48 +334,81 @@ def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr
                            qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
                            s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H,
                            D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, TQ: tl.constexpr,
-                           HAS_STATE: tl.constexpr, MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.constexpr):
+                           HAS_STATE: tl.constexpr, MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.constexpr,
+                           TILE_STORE: tl.constexpr, SKIP: tl.constexpr, LOG_TILES: tl.constexpr):
     """Sequences whose new tokens lie in one TQ-row tile of one window (decode steps, short
     chunks): only that tile's rows, from the window's k/v (pending + new) and S, with the full
-    window's products restricted to TQ rows. The new rows join `pending` here (rows >= pend,
-    which no program of this launch reads). Operands are loaded where they are used, and
-    reloaded for the rare window-completing state update, to keep few registers live (loading
-    k, S and v together up front was 3% slower on the H200, tune5)."""
+    window's products restricted to TQ rows (`_tile_rows`). SKIP: only the window's first NR rows, NR
+    the power-of-two multiple of TQ (TQ << i, i <= LOG_TILES = log2(C / TQ)) that reaches the
+    end of the query tile, one compiled form each: the rows after it are zeros whose products
+    add exact zeros. The new rows join `pending` here (rows
+    >= pend, which no program of this launch reads)."""
     seq, h, vb, start, qlen, ctx, pend, used = _program(tl.program_id(0), qsl_ptr, ctx_ptr, H, D // BV, C, HAS_STATE)
     if _fits_tile(pend, used, qlen, C, TQ):
-        ci = tl.arange(0, C)
-        di = tl.arange(0, D)
-        vi = vb * BV + tl.arange(0, BV)
-        ti = (pend // TQ) * TQ + tl.arange(0, TQ)
-        is_pend = ci < pend
-        is_new = (ci >= pend) & (ci < used)
-        tok = tl.where(is_new, start + ci - pend, 0).to(tl.int64)
-        q_new = (ti >= pend) & (ti < used)
-        q_tok = tl.where(q_new, start + ti - pend, 0).to(tl.int64)
-        k_off = ci[:, None] * 2 * D + di[None, :]
-        v_off = ci[:, None] * 2 * D + D + vi[None, :]
-        s_off = di[:, None] * D + vi[None, :]
-        s_base, p_base = _state_bases(s_ptr, pend_ptr, sidx_ptr, seq, h, H, D, C, HAS_STATE)
-        q = _rows(q_ptr, q_tok, s_qn, s_qh, h, di, q_new)                       # [TQ, D]
-        k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, k_off, is_pend, q.dtype, HAS_STATE)
-        scores = _qk(q, k, MODE) * tl.load(intra_ptr + h * C * C + ti[:, None] * C + ci[None, :])
-        S = _load_state(s_base, s_off, ctx, D, BV, HAS_STATE)
-        inter = _mm_f32b(q, S, tl.zeros((TQ, BV), dtype=tl.float32), MODE, PARTS, TRUNC)
-        v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
-        out = _mm_f32a(scores, v, inter * tl.load(qdec_ptr + h * C + ti)[:, None], MODE, PARTS, TRUNC)
-        tl.store(o_ptr + (q_tok[:, None] * H + h) * D + vi[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=q_new[:, None])
-        if HAS_STATE:
-            if used == C:       # the window is complete: S moves on (as in the full-window kernel)
-                k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, k_off, is_pend, q.dtype, HAS_STATE)
-                v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
-                S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
-                v_dec = v.to(tl.float32) * tl.load(kdec_ptr + h * C + ci)[:, None]
-                S = _mm_f32b(tl.trans(k), v_dec, S * tl.load(wdec_ptr + h), MODE, PARTS, TRUNC)
-                tl.store(s_base + s_off, S)
+        if SKIP:
+            rows = (pend // TQ + 1) * TQ      # the window's rows up to the query tile's end
+            for i in tl.static_range(0, LOG_TILES + 1):
+                if (rows <= (TQ << i)) & ((i == 0) | (rows > (TQ << i) // 2)):
+                    _tile_rows(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr, intra_ptr,
+                               wdec_ptr, s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start, ctx, pend, used,
+                               D, C, BV, TQ, TQ << i, HAS_STATE, MODE, PARTS, TRUNC, TILE_STORE)
+        else:
+            _tile_rows(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr, intra_ptr,
+                       wdec_ptr, s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start, ctx, pend, used,
+                       D, C, BV, TQ, C, HAS_STATE, MODE, PARTS, TRUNC, TILE_STORE)
+
+
+@triton.jit
+def _tile_rows(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
+               s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start, ctx, pend, used,
+               D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, TQ: tl.constexpr, NR: tl.constexpr,
+               HAS_STATE: tl.constexpr, MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.constexpr,
+               TILE_STORE: tl.constexpr):
+    """A tile-kernel item over the window's first NR rows (the query tile the last of them).
+    The new rows' pending k/v are loaded and stored over the TQ rows of the query tile
+    (TILE_STORE; else over the NR rows). Operands are loaded where they are used, and reloaded
+    for the rare window-completing state update, to keep few registers live (loading k, S and
+    v together up front was 3% slower on the H200, tune5)."""
+    ci = tl.arange(0, NR)
+    di = tl.arange(0, D)
+    vi = vb * BV + tl.arange(0, BV)
+    ti = (pend // TQ) * TQ + tl.arange(0, TQ)
+    is_pend = ci < pend
+    is_new = (ci >= pend) & (ci < used)
+    tok = tl.where(is_new, start + ci - pend, 0).to(tl.int64)
+    q_new = (ti >= pend) & (ti < used)
+    q_tok = tl.where(q_new, start + ti - pend, 0).to(tl.int64)
+    k_off = ci[:, None] * 2 * D + di[None, :]
+    v_off = ci[:, None] * 2 * D + D + vi[None, :]
+    s_off = di[:, None] * D + vi[None, :]
+    s_base, p_base = _state_bases(s_ptr, pend_ptr, sidx_ptr, seq, h, H, D, C, HAS_STATE)
+    q = _rows(q_ptr, q_tok, s_qn, s_qh, h, di, q_new)                       # [TQ, D]
+    k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, k_off, is_pend, q.dtype, HAS_STATE)
+    scores = _qk(q, k, MODE) * tl.load(intra_ptr + h * C * C + ti[:, None] * C + ci[None, :])
+    S = _load_state(s_base, s_off, ctx, D, BV, HAS_STATE)
+    inter = _mm_f32b(q, S, tl.zeros((TQ, BV), dtype=tl.float32), MODE, PARTS, TRUNC)
+    v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
+    out = _mm_f32a(scores, v, inter * tl.load(qdec_ptr + h * C + ti)[:, None], MODE, PARTS, TRUNC)
+    tl.store(o_ptr + (q_tok[:, None] * H + h) * D + vi[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=q_new[:, None])
+    if HAS_STATE:
+        if (NR == C) & (used == C):     # the window is complete: S moves on (as in the full-window kernel)
+            k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, k_off, is_pend, q.dtype, HAS_STATE)
+            v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
+            S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
+            v_dec = v.to(tl.float32) * tl.load(kdec_ptr + h * C + ci)[:, None]
+            S = _mm_f32b(tl.trans(k), v_dec, S * tl.load(wdec_ptr + h), MODE, PARTS, TRUNC)
+            tl.store(s_base + s_off, S)
+        else:
+            if ctx == 0:    # a fresh slot starts from zero whatever it held
+                tl.store(s_base + s_off, tl.zeros((D, BV), dtype=tl.float32))
+            if TILE_STORE:
+                if vb == 0:
+                    kn = _rows(k_ptr, q_tok, s_kn, s_kh, h, di, q_new)
+                    tl.store(p_base + ti[:, None] * 2 * D + di[None, :], kn.to(tl.float32), mask=q_new[:, None])
+                vn = _rows(v_ptr, q_tok, s_vn, s_vh, h, vi, q_new)
+                tl.store(p_base + ti[:, None] * 2 * D + D + vi[None, :], vn.to(tl.float32), mask=q_new[:, None])
             else:
-                if ctx == 0:    # a fresh slot starts from zero whatever it held
-                    tl.store(s_base + s_off, tl.zeros((D, BV), dtype=tl.float32))
                 if vb == 0:
                     kn = _rows(k_ptr, tok, s_kn, s_kh, h, di, is_new)
                     tl.store(p_base + k_off, kn.to(tl.float32), mask=is_new[:, None])
@@ -487,7 +528,8 @@ def _lightning_fast(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
     if tile:
         _lightning_tile_kernel[(batch.num_seqs * h * (d // tbv),)](
             *args, D=d, C=chunk_size, BV=tbv, TQ=tq, HAS_STATE=has_state, MODE=mode, PARTS=SPLIT_PARTS,
-            TRUNC=TRUNC_SPLIT, num_warps=TILE_WARPS, num_stages=1, maxnreg=TILE_MAXNREG)
+            TRUNC=TRUNC_SPLIT, TILE_STORE=TILE_STORE, SKIP=TILE_SKIP, LOG_TILES=(chunk_size // tq).bit_length() - 1,
+            num_warps=TILE_WARPS, num_stages=1, maxnreg=TILE_MAXNREG)
     if tile and batch.max_query_len is not None and batch.max_query_len <= 1:
         return o    # a decode step: every sequence fits one tile, the other two kernels would find no work
     n_items = batch.num_seqs * h * (d // bv)
