@@ -42,3 +42,36 @@ def test_check_same_build_names_the_process_and_field():
     message = str(err.value)
     assert "worker 1 vs trainer" in message and "torch: 0.0 vs" in message and "code: x vs" in message
     assert "worker 0" not in message
+
+
+SMALL_ALTSTACK_THEN_HARDWARE = """
+import ctypes
+class stack_t(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+small = ctypes.create_string_buffer(4096)       # too small for the AMX state: the OS refuses AMX
+libc = ctypes.CDLL(None)
+assert libc.sigaltstack(ctypes.byref(stack_t(ctypes.cast(small, ctypes.c_void_p), 0, 4096)), None) == 0
+from rl.model.fingerprint import hardware
+from rl.kernels.cpu import amx
+print(amx.supported(), amx.permitted(), hardware(), sep="|")
+"""
+
+
+def test_hardware_reports_a_process_refused_amx():
+    """A process the OS refused AMX (a thread's signal stack too small when the cpu backend
+    asked) runs oneDNN's AVX512-BF16 kernels, other bits: its fingerprint says so, and a
+    normal process here has AMX wherever the CPU has it."""
+    import subprocess
+    import sys
+    from rl.kernels.cpu import amx
+    from tests_paths import ROOT
+    out = subprocess.run([sys.executable, "-c", SMALL_ALTSTACK_THEN_HARDWARE], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    supported, permitted, refused_hw = out.stdout.strip().splitlines()[-1].split("|")
+    if amx.supported():
+        assert amx.permitted() is True and "refused" not in F.hardware()
+        assert (supported, permitted) == ("True", "False") and refused_hw.endswith("(AMX refused to this process)")
+        assert F.differences({"hardware": F.hardware()}, {"hardware": refused_hw}, ("hardware",))
+    else:
+        assert "refused" not in refused_hw and "refused" not in F.hardware()

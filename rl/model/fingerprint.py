@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from rl.kernels.cpu import amx
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]          # rl/
 SOURCE_DIRS = ("kernels", "model")
 MUST_MATCH = ("code", "torch", "triton")
@@ -57,7 +59,10 @@ def hardware(device: str | torch.device = "cpu") -> str:
     flags = [name for name, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_tile", "_is_amx_tile_supported"),
                                       ("amx_fp16", "_is_amx_fp16_supported"))
              if getattr(torch.cpu, probe, lambda: False)()]
-    return f"cpu: {torch.backends.cpu.get_cpu_capability()}" + "".join(f" +{f}" for f in flags)
+    # a process the OS refused AMX runs AVX512-BF16 kernels (rl/kernels/cpu/amx.py)
+    refused = "amx_tile" in flags and amx.permitted() is False
+    return (f"cpu: {torch.backends.cpu.get_cpu_capability()}" + "".join(f" +{f}" for f in flags)
+            + (" (AMX refused to this process)" if refused else ""))
 
 
 def fingerprint(device: str | torch.device = "cpu") -> dict:

@@ -11,8 +11,15 @@ What breaks invariance in plain torch on CPU, measured here, and what we do inst
     from `exp`, `+`, `/` and `*`, which are position-independent (tests/test_kernels_*).
   - softmax rows of different lengths reduce in different orders: attention uses the exact
     row max (order-free) and sums in fixed-size blocks, in order.
+  - MKL's vector math (ATen's exp/cos/sin/... on CPU) chooses its code path on its first
+    call, racily when that call is split across threads: `vml.warm_up_vml` makes it once,
+    single-threaded, when this backend loads.
+  - oneDNN runs other (non-AMX) bf16 kernels, with other bits, in a process the OS refused
+    AMX: `amx.request` asks for it when this backend loads; the build fingerprint reports it.
 """
+from rl.kernels.cpu import amx
 from rl.kernels.cpu.malloc import keep_heap_top
+from rl.kernels.cpu.vml import warm_up_vml
 from rl.kernels.cpu.matmul import fused_linear, linear, prepack, prepack_fused
 from rl.kernels.cpu.norm import gated_group_rms_norm, rms_norm
 from rl.kernels.cpu.rope import rope
@@ -23,6 +30,8 @@ from rl.kernels.cpu.logprobs import log_softmax_logits, logprobs
 from rl.kernels.cpu.elementwise import sigmoid, silu
 
 keep_heap_top()
+warm_up_vml()
+amx.request()
 
 __all__ = ["linear", "prepack", "prepack_fused", "fused_linear", "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention",
            "lightning_attention", "moe_route", "moe_experts", "prepack_experts", "log_softmax_logits", "logprobs",
