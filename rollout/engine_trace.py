@@ -55,12 +55,12 @@ class EngineTrace:
         if self.steps == 0:
             torch.save([_cache_spec(c) for c in caches], self.directory / CACHES_FILE)
         self.steps += 1
-        distinct: dict[int, int] = {}
+        metas: dict[int, BatchMeta] = {}          # the distinct BatchMetas, first-use order
         for b in batches:
-            distinct.setdefault(id(b), len(distinct))
-        metas = list({id(b): b for b in batches}.values())
+            metas.setdefault(id(b), b)
+        index = {key: i for i, key in enumerate(metas)}
         torch.save({"input_ids": input_ids.clone(), "vllm_positions": vllm_positions.clone(),
-                    "metas": [_meta_dict(b) for b in metas], "layer_meta": [distinct[id(b)] for b in batches],
+                    "metas": [_meta_dict(b) for b in metas.values()], "layer_meta": [index[id(b)] for b in batches],
                     "hidden": hidden.clone()},
                    self.directory / f"step{self.steps:05d}.pt")
 
@@ -94,7 +94,6 @@ def replay(directory: str | Path, model) -> tuple[int, StepDifference | None]:
     for spec in torch.load(directory / CACHES_FILE):
         tensors = [torch.zeros(shape, dtype=dtype) for shape, dtype in spec]
         caches.append(tensors[0] if len(tensors) == 1 else tuple(tensors))
-    layers = model.model.layers
     for step, path in enumerate(files, 1):
         rec = torch.load(path)
         metas = [BatchMeta(**m) for m in rec["metas"]]
@@ -104,10 +103,7 @@ def replay(directory: str | Path, model) -> tuple[int, StepDifference | None]:
         if not torch.equal(positions, rec["vllm_positions"]):
             rows = _rows(batches[0], positions != rec["vllm_positions"])
             return step, StepDifference(step, rows, what="positions", **describe)
-        h = model.model.word_embeddings(rec["input_ids"])
-        for layer, batch, cache in zip(layers, batches, caches):
-            h = layer(h, batch, positions, cache)
-        h = model.model.norm(h)
+        h = model.model.run_layers(model.model.word_embeddings(rec["input_ids"]), batches, positions, caches)
         if not torch.equal(h, rec["hidden"]):
             rows = _rows(batches[0], (h != rec["hidden"]).flatten(1).any(1))
             return step, StepDifference(step, rows, what="hidden states", **describe)

@@ -181,12 +181,10 @@ class LockstepBailingForCausalLM(nn.Module, HasInnerState, IsHybrid):
         pos = batches[0].positions()
         h = (self.lm.model.word_embeddings(input_ids[:num_tokens]) if inputs_embeds is None
              else inputs_embeds[:num_tokens])
-        for layer, batch, holder in zip(self.lm.model.layers, batches, self.cache_layers):
-            h = layer(h, batch, pos, holder.kv_cache)
-        out[:num_tokens] = self.lm.model.norm(h)
+        caches = [holder.kv_cache for holder in self.cache_layers]
+        out[:num_tokens] = self.lm.model.run_layers(h, batches, pos, caches)
         if self.trace is not None and input_ids is not None:
-            self.trace.record(input_ids[:num_tokens], positions[:num_tokens], batches,
-                              [holder.kv_cache for holder in self.cache_layers], out[:num_tokens])
+            self.trace.record(input_ids[:num_tokens], positions[:num_tokens], batches, caches, out[:num_tokens])
         return out
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

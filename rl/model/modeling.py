@@ -76,11 +76,17 @@ class BailingMoeLinearV2Model(BailingMoeLinearV2PreTrainedModel):
         `caches[l]` is layer l's cache (softmax: kv_cache tensor; linear: (S, pending)),
         or None everywhere for the trainer's full forward (context_lens must be 0).
         """
-        positions = batch.positions()
-        h = self.word_embeddings(input_ids)
+        return self.run_layers(self.word_embeddings(input_ids), [batch] * len(self.layers), batch.positions(),
+                               caches, trace)
+
+    def run_layers(self, h: torch.Tensor, batches: list[BatchMeta], positions: torch.Tensor, caches=None,
+                   trace: Trace | None = None) -> torch.Tensor:
+        """Embedded tokens h [N, hidden] through every layer (layer l with `batches[l]` and
+        `caches[l]`: an inference engine may keep one metadata per KV-cache group) and the
+        final norm -> hidden states [N, hidden]."""
         for idx, layer in enumerate(self.layers):
             cache = None if caches is None else caches[idx]
-            h = layer(h, batch, positions, cache, trace.scope(idx) if trace is not None else None)
+            h = layer(h, batches[idx], positions, cache, trace.scope(idx) if trace is not None else None)
         h = self.norm(h)
         if trace is not None:
             trace.scope(len(self.layers))("final_norm", h)
