@@ -97,15 +97,17 @@ def batch_from_attention(meta, num_reqs: int, num_tokens: int) -> BatchMeta:
     seq_lens = _i64(meta.seq_lens[:num_reqs])
     return BatchMeta(query_start_loc=qsl, context_lens=seq_lens - (qsl[1:] - qsl[:-1]),
                      block_table=meta.block_table[:num_reqs],
-                     slot_mapping=_i64(meta.slot_mapping[:num_tokens]))
+                     slot_mapping=_i64(meta.slot_mapping[:num_tokens]), max_query_len=int(meta.max_query_len))
 
 
 def batch_from_linear(meta, num_reqs: int) -> BatchMeta:
-    """vLLM LinearAttentionMetadata (state_indices_tensor: one state slot per request)."""
+    """vLLM LinearAttentionMetadata (state_indices_tensor: one state slot per request; with no
+    prefills every request is a one-token decode, which the host then knows)."""
     qsl = _i64(meta.query_start_loc[: num_reqs + 1])
     seq_lens = _i64(meta.seq_lens[:num_reqs])
     return BatchMeta(query_start_loc=qsl, context_lens=seq_lens - (qsl[1:] - qsl[:-1]),
-                     state_indices=_i64(meta.state_indices_tensor[:num_reqs]))
+                     state_indices=_i64(meta.state_indices_tensor[:num_reqs]),
+                     max_query_len=1 if meta.num_prefills == 0 else None)
 
 
 class LockstepBailingForCausalLM(nn.Module, HasInnerState, IsHybrid):

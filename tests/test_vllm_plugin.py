@@ -45,18 +45,23 @@ def test_attention_metadata_becomes_batchmeta():
     from rollout.vllm_model import batch_from_attention, batch_from_linear
     qsl = torch.tensor([0, 1, 2, 7, 7], dtype=torch.int32)          # 2 decodes, 1 prefill of 5, 1 padded
     seq_lens = torch.tensor([40, 17, 9, 0], dtype=torch.int32)
-    attn = SimpleNamespace(query_start_loc=qsl, seq_lens=seq_lens, num_actual_tokens=7,
+    attn = SimpleNamespace(query_start_loc=qsl, seq_lens=seq_lens, num_actual_tokens=7, max_query_len=5,
                            block_table=torch.arange(12, dtype=torch.int32).view(4, 3),
                            slot_mapping=torch.arange(9))
     batch = batch_from_attention(attn, num_reqs=3, num_tokens=7)
     assert batch.query_start_loc.tolist() == [0, 1, 2, 7] and batch.query_start_loc.dtype == torch.int64
     assert batch.context_lens.tolist() == [39, 16, 4]
     assert batch.slot_mapping.tolist() == list(range(7)) and batch.block_table.shape == (3, 3)
-    assert batch.positions().tolist() == [39, 16, 4, 5, 6, 7, 8]
-    lin = SimpleNamespace(query_start_loc=qsl, seq_lens=seq_lens,
+    assert batch.positions().tolist() == [39, 16, 4, 5, 6, 7, 8] and batch.max_query_len == 5
+    lin = SimpleNamespace(query_start_loc=qsl, seq_lens=seq_lens, num_prefills=1,
                           state_indices_tensor=torch.tensor([5, 2, 9, -1], dtype=torch.int32))
     batch = batch_from_linear(lin, num_reqs=3)
     assert batch.state_indices.tolist() == [5, 2, 9] and batch.context_lens.tolist() == [39, 16, 4]
+    assert batch.max_query_len is None                  # a prefill: the host does not know it
+    decodes = SimpleNamespace(query_start_loc=qsl[:3], seq_lens=seq_lens[:2], num_prefills=0,
+                              state_indices_tensor=torch.tensor([5, 2], dtype=torch.int32))
+    batch = batch_from_linear(decodes, num_reqs=2)
+    assert batch.max_query_len == 1 and batch.is_decode()
 
 
 def test_weight_buckets_split_and_round_trip(tmp_path):
