@@ -22,6 +22,13 @@ def test_code_digest_covers_every_kernel_and_model_source_byte(tmp_path):
     (tmp_path / "model" / "extra.py").write_text("")
     target.write_bytes(target.read_bytes()[:-1])
     assert F.code_digest(tmp_path) != F.code_digest()          # a new file counts too
+    F.code_digest.cache_clear()
+    (tmp_path / "model" / "extra.py").unlink()
+    assert F.code_digest(tmp_path) == F.code_digest()
+    F.code_digest.cache_clear()
+    c_source = tmp_path / "kernels" / "cpu" / "csrc" / "rows.c"
+    c_source.write_bytes(c_source.read_bytes() + b"\n")      # the C kernels count too
+    assert F.code_digest(tmp_path) != F.code_digest()
 
 
 def test_fingerprint_fields():

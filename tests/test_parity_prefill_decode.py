@@ -29,9 +29,20 @@ def _run_split(fn_call, total, splits):
     return torch.cat(outs)
 
 
-def _lightning_split(q, k, v, ld, chunk, splits, slot=3):
+def _state_pools(slots, h, d, chunk, strided):
+    """NaN-filled (S, pending) pools; `strided`: views with gaps between rows, heads and slots
+    (vLLM's state tensors are views into a larger buffer), so the decode step's in-place reads
+    must follow the strides."""
+    if not strided:
+        return torch.full((slots, h, d, d), float("nan")), torch.full((slots, h, chunk, 2 * d), float("nan"))
+    s_buf = torch.full((slots, 2 * h, d, d + 8), float("nan"))
+    p_buf = torch.full((slots + 1, h + 1, chunk, 2 * d + 4), float("nan"))
+    return s_buf[:, ::2, :, 3:d + 3], p_buf[1:, 1:, :, 2:2 * d + 2]
+
+
+def _lightning_split(q, k, v, ld, chunk, splits, slot=3, strided=False):
     h, d = q.shape[1], q.shape[2]
-    state = (torch.full((5, h, d, d), float("nan")), torch.full((5, h, chunk, 2 * d), float("nan")))
+    state = _state_pools(5, h, d, chunk, strided)
 
     def call(pos, n):
         batch = BatchMeta.from_lengths([n], [pos])
@@ -42,16 +53,13 @@ def _lightning_split(q, k, v, ld, chunk, splits, slot=3):
 
 @pytest.mark.parametrize("chunk", [8, 16, 64])
 @pytest.mark.parametrize("splits", [[1] * 200, [37, 1, 1, 5], [16, 16, 3, 29], [100]], ids=["decode", "37+decode", "mixed", "two"])
-@pytest.mark.parametrize("state_in_place", [False, True], ids=["gathered-S", "in-place-S"])
-def test_lightning_full_equals_split(chunk, splits, state_in_place, monkeypatch):
-    if state_in_place:           # the decode step's large-state path, forced at this size
-        from rl.kernels.cpu import lightning
-        monkeypatch.setattr(lightning, "STATE_IN_PLACE_BYTES", 0)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous-pools", "strided-pools"])
+def test_lightning_full_equals_split(chunk, splits, strided):
     t = 150
     q, k, v = (torch.randn(t, 4, 32).bfloat16() for _ in range(3))
     ld = -torch.rand(4) * 0.5
     full = K.lightning_attention(q, k, v, ld, BatchMeta.from_lengths([t]), None, chunk)
-    assert_bits_equal(_lightning_split(q, k, v, ld, chunk, splits), full, f"lightning chunk={chunk}")
+    assert_bits_equal(_lightning_split(q, k, v, ld, chunk, splits, strided=strided), full, f"lightning chunk={chunk}")
 
 
 def _attention_split(q, k, v, splits, block_size=16, seed=0):
@@ -163,22 +171,19 @@ def test_mixed_batch_prefill_and_decode_in_one_call():
     assert_bits_equal(out, full, "mixed prefill/decode batch")
 
 
-@pytest.mark.parametrize("state_in_place", [False, True], ids=["gathered-S", "in-place-S"])
-def test_batched_decode_steps_equal_the_full_forward(state_in_place, monkeypatch):
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous-pools", "strided-pools"])
+def test_batched_decode_steps_equal_the_full_forward(strided):
     """Decode steps of several sequences in one call (each at its own window offset, windows
     completing on different steps, a new sequence joining with a one-token prompt, slots
-    holding garbage): every token equals its sequence's full forward. Both ways the decode
-    step reads S: gathered (small states) and in place per sequence (large states, forced)."""
-    if state_in_place:
-        from rl.kernels.cpu import lightning
-        monkeypatch.setattr(lightning, "STATE_IN_PLACE_BYTES", 0)
+    holding garbage): every token equals its sequence's full forward, with the state pools
+    contiguous and as strided views."""
     lengths, joins = [60, 45, 33, 20], [0, 0, 0, 13]        # sequence 3 starts at step 13
     prompts = [17, 5, 1, 1]
     gen = torch.Generator().manual_seed(3)
     seqs = [tuple(torch.randn(n, 4, 32, generator=gen).bfloat16() for _ in range(3)) for n in lengths]
     ld = -torch.rand(4, generator=gen) * 0.4
     fulls = [K.lightning_attention(q, k, v, ld, BatchMeta.from_lengths([q.shape[0]]), None, 16) for q, k, v in seqs]
-    state = (torch.full((6, 4, 32, 32), float("nan")), torch.full((6, 4, 16, 64), float("nan")))
+    state = _state_pools(6, 4, 32, 16, strided)
     slots = [4, 0, 5, 2]
     outs = [[] for _ in seqs]
     done = [0] * len(seqs)

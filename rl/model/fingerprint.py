@@ -23,6 +23,7 @@ from rl.kernels.cpu import amx
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]          # rl/
 SOURCE_DIRS = ("kernels", "model")
+SOURCE_SUFFIXES = (".py", ".c")
 MUST_MATCH = ("code", "torch", "triton")
 
 
@@ -32,12 +33,13 @@ class BuildMismatch(RuntimeError):
 
 @functools.lru_cache(maxsize=None)
 def code_digest(root: Path = PACKAGE_ROOT) -> str:
-    """sha256 over the path and bytes of every .py file under root/kernels and root/model
+    """sha256 over the path and bytes of every source file (.py, and the C of rl/kernels/cpu/csrc)
+    under root/kernels and root/model
     (computed once per process: the source this process loaded, give or take edits made
     between its imports and its first call here)."""
     digest = hashlib.sha256()
     for name in SOURCE_DIRS:
-        for path in sorted((root / name).rglob("*.py")):
+        for path in sorted(p for p in (root / name).rglob("*") if p.suffix in SOURCE_SUFFIXES):
             digest.update(path.relative_to(root).as_posix().encode() + b"\0")
             digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()

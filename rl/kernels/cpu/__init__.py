@@ -5,7 +5,10 @@ What breaks invariance in plain torch on CPU, measured here, and what we do inst
     bf16 rows differ at M=64 and 257; with 2 threads a lone GEMM splits work differently):
     every contraction has a fixed per-matrix shape — bf16 projections one oneDNN (AMX) call
     per fixed 32-row tile (`matmul.linear`), fp32 products through `matmul.bmm_fixed` (rows
-    padded to a fixed tile, at least two matrices per call so threads split the batch).
+    padded to a fixed tile, at least two matrices per call so threads split the batch); the
+    attention kernels' products through `rows.bmm_rows`, our own C loop (csrc/rows.c, built
+    once per machine with the system C compiler) whose every element is one sum in a defined
+    order, so a decode step computes only its own rows.
   - `torch.sigmoid`, `F.silu` and `torch.pow` take a scalar path for the tail of a
     vector loop, so an element's bits depend on its position in the tensor: we build them
     from `exp`, `+`, `/` and `*`, which are position-independent (tests/test_kernels_*).

@@ -2,9 +2,9 @@
 
 Every query row walks its sequence's keys in fixed blocks of BLOCK_K logical positions,
 starting at position 0, whatever the call shape:
-  1. scores = (q · k) * scale per (TILE_Q-row tile, BLOCK_K block) via `bmm_fixed`; a tile
-     holds the query rows of one sequence and KV head in (position, head-in-group) order, so
-     a decode step of a GQA group fills one tile;
+  1. scores = (q · k) * scale per (TILE_Q-row tile, BLOCK_K block) via `rows.bmm_rows` (each
+     element one sum in increasing d, whatever the shapes); a tile holds the query rows of one
+     sequence and KV head in (position, head-in-group) order;
   2. the row max over all visible keys (a max is exact in any order);
   3. p = exp(s - max), zero where masked; row sum accumulated block by block, in order;
   4. o = Σ_blocks p_b @ v_b, accumulated block by block, in order; o / sum.
@@ -13,8 +13,8 @@ blocks share the call: a decode row equals the same row inside a full prefill, c
 at any split, or a recompute after preemption. K/V are written to the cache (in the cache
 dtype) before attention reads them; without a cache (the trainer), K/V are used as given,
 which is the same values because the cache dtype is the model dtype. Decode steps over pages
-of whole key blocks (vLLM's) take `_decode_paged`: the same per-block arithmetic on each
-sequence's own blocks only, summed as here.
+of whole key blocks (vLLM's) take `_decode_paged`: the same per-block arithmetic on the step's
+query rows only and each sequence's own blocks only, read in place in the cache, summed as here.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from rl.kernels.batch import BatchMeta
-from rl.kernels.cpu.matmul import bmm_fixed, row_sum
+from rl.kernels.cpu.matmul import row_sum
+from rl.kernels.cpu.rows import bmm_rows
 
 TILE_Q = 16
 BLOCK_K = 64
@@ -109,12 +110,12 @@ def _key_blocks(kv: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Te
     return k_t, v
 
 
-def _paged_decode_indices(batch: BatchMeta, hkv: int, block_size: int):
+def _paged_decode_indices(batch: BatchMeta, hkv: int, block_size: int, d2: int):
     """What `_decode_paged` derives from the split and the block table alone, the same for
-    every softmax layer of a call (same KV heads and page size): the number of key blocks of
-    the longest sequence; the (sequence, block) pairs a step reads, in that order; the
-    BLOCK_K-position runs of the cache they read, per KV head [P*Hkv]; the gathered rows that
-    lie past a sequence's end; the keys each pair's query sees [P, 1, 1, BLOCK_K]."""
+    every softmax layer of a call (same KV heads, page size and head size): the number of key
+    blocks of the longest sequence; the (sequence, block) pairs a step reads, in that order; per
+    (pair, KV head) the element offset of its BLOCK_K-position run in the cache and its number of
+    positions before the sequence's end [P*Hkv]; the keys each pair's query sees [P, 1, 1, BLOCK_K]."""
     dev = batch.context_lens.device
     seq_lens, ctx = batch.seq_lens, batch.context_lens
     have = (seq_lens + BLOCK_K - 1) // BLOCK_K                 # key blocks per sequence
@@ -124,41 +125,32 @@ def _paged_decode_indices(batch: BatchMeta, hkv: int, block_size: int):
     page = batch.block_table[seq_of, start // block_size].long()
     heads = torch.arange(hkv, device=dev)
     runs = (page[:, None] * hkv + heads[None, :]) * (block_size // BLOCK_K) + (start % block_size // BLOCK_K)[:, None]
+    rows = torch.clamp(seq_lens[seq_of] - start, max=BLOCK_K)[:, None].expand(-1, hkv)
     key_pos = start[:, None] + torch.arange(BLOCK_K, device=dev)[None, :]       # [P, BLOCK_K]
-    pair, pos = (key_pos >= seq_lens[seq_of][:, None]).nonzero(as_tuple=True)
-    past_rows = ((pair[:, None] * hkv + heads[None, :]) * BLOCK_K + pos[:, None]).reshape(-1)
     visible = (key_pos <= ctx[seq_of][:, None]).view(-1, 1, 1, BLOCK_K)         # key pos <= the token's
-    return n_blocks, seq_of, blk_of, runs.reshape(-1), past_rows, visible
+    return n_blocks, seq_of, blk_of, (runs * (BLOCK_K * d2)).reshape(-1), rows.reshape(-1), visible
 
 
 def _decode_paged(q: torch.Tensor, batch: BatchMeta, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """Decode rows (one new token per sequence, its K/V already in the cache) with the general
-    path's arithmetic, computed only on the key blocks a sequence has: a sequence of L tokens
-    reads ceil(L / BLOCK_K) blocks, not as many as the batch's longest. Per (sequence, KV head,
-    block) the same operands reach the same fixed-shape products (a product's matrix does not
-    depend on the others in the bmm), masks and exp; the per-block sums and PV products are then
-    laid out as the general path has them, with the exact +0.0 its blocks past a sequence's end
+    path's arithmetic, computed only on the query rows of the step and the key blocks a sequence
+    has: a sequence of L tokens reads ceil(L / BLOCK_K) blocks, in place in the cache (bf16,
+    widened exactly inside `bmm_rows`; values past the sequence's end read as +0.0, as the
+    general path zeroes them). Per (sequence, KV head, block) the same operands reach the same
+    per-element products, masks and exp; the per-block sums and PV products are then laid out
+    as the general path has them, with the exact +0.0 its blocks past a sequence's end
     contribute, and summed block by block in the same order: the same bits."""
     n, hq, d = q.shape
     _, hkv, block_size, d2 = kv_cache.shape
     group = hq // hkv
     dev = q.device
-    n_blocks, seq_of, blk_of, runs, past_rows, visible = batch.derived(
-        ("paged_decode", hkv, block_size), lambda: _paged_decode_indices(batch, hkv, block_size))
+    n_blocks, seq_of, blk_of, run_at, run_rows, visible = batch.derived(
+        ("paged_decode", hkv, block_size, d2), lambda: _paged_decode_indices(batch, hkv, block_size, d2))
     pairs = seq_of.numel()                                     # (sequence, block) pairs, in that order
-    kv = kv_cache.view(-1, BLOCK_K, d2).index_select(0, runs)                    # [P*Hkv, BLOCK_K, 2D]
-    # values past a sequence's end are zeroed in the cache dtype before widening, as in
-    # `_gather_pages` (only a sequence's last block has such positions)
-    if past_rows.numel():
-        kv.view(-1, d2)[:, d:].index_fill_(0, past_rows, 0.0)
-    k_t = torch.empty((pairs * hkv, d, BLOCK_K), dtype=torch.float32, device=dev)
-    k_t.copy_(kv[..., :d].transpose(-1, -2))
-    v_blocks = torch.empty((pairs * hkv, BLOCK_K, d), dtype=torch.float32, device=dev)
-    v_blocks.copy_(kv[..., d:])
-
-    q_pad = F.pad(q.float().view(n, hkv, group, d), (0, 0, 0, TILE_Q - group))   # [B, Hkv, TILE_Q, D]
-    scores = bmm_fixed(q_pad[seq_of].reshape(pairs * hkv, TILE_Q, d), k_t).view(pairs, hkv, TILE_Q, BLOCK_K)
-    scores = scores[:, :, :group] * scale
+    blocks = kv_cache.view(-1, BLOCK_K, d2)[0]                 # one run [BLOCK_K, 2D]; the others by offset
+    q_pairs = q.float().view(n, hkv, group, d)[seq_of].view(pairs * hkv, group, d)
+    scores = bmm_rows(q_pairs, blocks[:, :d].t(), run_at).view(pairs, hkv, group, BLOCK_K)
+    scores = scores * scale
     scores = torch.where(visible, scores, torch.tensor(float("-inf"), device=dev))
     pair_max = scores.amax(dim=3)                                                 # [P, Hkv, group]
     row_max = pair_max.new_full((n, n_blocks, hkv, group), float("-inf"))
@@ -167,8 +159,7 @@ def _decode_paged(q: torch.Tensor, batch: BatchMeta, kv_cache: torch.Tensor, sca
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros((), device=dev))
     p = torch.where(visible, torch.exp(scores - row_max[seq_of][..., None]), torch.zeros((), device=dev))
     block_sums = row_sum(p)                                                       # [P, Hkv, group]
-    pv = bmm_fixed(F.pad(p, (0, 0, 0, TILE_Q - group)).reshape(pairs * hkv, TILE_Q, BLOCK_K), v_blocks)
-    pv = pv.view(pairs, hkv, TILE_Q, d)[:, :, :group]
+    pv = bmm_rows(p.view(pairs * hkv, group, BLOCK_K), blocks[:, d:], run_at, run_rows).view(pairs, hkv, group, d)
     sums = block_sums.new_zeros((n_blocks, n, hkv, group))
     sums[blk_of, seq_of] = block_sums
     outs = pv.new_zeros((n_blocks, n, hkv, group, d))
@@ -237,7 +228,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     g = num_seqs * hkv * n_tiles * n_blocks
     a = q_rows.expand(-1, -1, n_blocks, -1, -1).reshape(g, TILE_Q, d)
     b = k_t[:, None].expand(-1, n_tiles, -1, -1, -1).reshape(g, d, BLOCK_K)
-    scores = bmm_fixed(a, b).view(num_seqs, hkv, n_tiles, n_blocks, TILE_Q, BLOCK_K)
+    scores = bmm_rows(a, b).view(num_seqs, hkv, n_tiles, n_blocks, TILE_Q, BLOCK_K)
     # element-wise steps only on the tile rows that hold queries (a decode tile holds `group`
     # of TILE_Q): per element the arithmetic is the same, so the bits are too
     live = min(TILE_Q, len_q * group)
@@ -255,7 +246,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     p = torch.where(visible, torch.exp(scores - row_max), torch.zeros((), device=q.device))
 
     block_sums = row_sum(p)                                    # [B, Hkv, tiles, blocks, live]
-    pv = bmm_fixed(F.pad(p, (0, 0, 0, TILE_Q - live)).reshape(g, TILE_Q, BLOCK_K),
+    pv = bmm_rows(F.pad(p, (0, 0, 0, TILE_Q - live)).reshape(g, TILE_Q, BLOCK_K),
                    v_blocks[:, None].expand(-1, n_tiles, -1, -1, -1).reshape(g, BLOCK_K, d))
     pv = pv.view(num_seqs, hkv, n_tiles, n_blocks, TILE_Q, d)[..., :live, :]
     denom, out = block_sums[:, :, :, 0], pv[:, :, :, 0]

@@ -7,12 +7,14 @@ start:
     o_t = ((q_t λ^{j+1}) S) + Σ_{s<=j} (q_t · k_s) λ^{j-s} v_s          (inter + intra)
 and at the end of a full window  S ← λ^C S + Σ_s λ^{C-1-s} k_sᵀ v_s.
 Decode keeps exactly this: the per-request state holds S at the last window boundary plus
-the k/v of the ≤C-1 tokens since (fp32), and computes o_t as the window form does, with the
-same fixed-shape products: queries in tiles of Q_TILE rows of a window (`bmm_fixed` over
-[Q_TILE, D] x [D, C], [Q_TILE, C] x [C, D] and [Q_TILE, D] x [D, D]), the window's state
-update as [D, C] x [C, D]. So a token's bits are the same from a full forward, prefill + decode,
-chunked prefill at any split, or a recompute. Only the query tiles that hold new tokens are
-computed, and only full windows' state updates: a decode step computes one tile, not C rows.
+the k/v of the ≤C-1 tokens since (fp32), and computes o_t as the window form does. Every
+product is `rows.bmm_rows` (each element one sum in increasing k, whatever the shapes), over
+a window's full C rows: q·kᵀ [., D] x [D, C], scores·v [., C] x [C, D], (q λ^{j+1})·S
+[., D] x [D, D], and the window's state update [D, C] x [C, D]. The general path computes
+query tiles of Q_TILE rows of a window (only the tiles that hold new tokens, only full
+windows' state updates); a decode step computes the token's own row, reading S and the
+pending k/v in place in the pools. So a token's bits are the same from a full forward,
+prefill + decode, chunked prefill at any split, or a recompute (tests/test_parity_prefill_decode.py).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import functools
 import torch
 
 from rl.kernels.batch import BatchMeta
-from rl.kernels.cpu.matmul import bmm_fixed
+from rl.kernels.cpu.rows import bmm_rows, pool_offsets
 
 Q_TILE = 16      # query rows per product (a window's C rows are C / Q_TILE tiles)
 
@@ -47,71 +49,45 @@ def _tables(log_decay_values: tuple[float, ...], chunk: int):
     return decay_tables(torch.tensor(log_decay_values, dtype=torch.float32), chunk)
 
 
-# per-request S above this size: the inter product reads each sequence's S in the pool in
-# place (one product per sequence) instead of first gathering all of them into one buffer
-STATE_IN_PLACE_BYTES = 256 << 10
-
-
-def _decode_indices(batch: BatchMeta, c: int, tq: int):
+def _decode_indices(batch: BatchMeta, c: int):
     """What `_decode_step` derives from the split alone, the same for every lightning layer
-    of a call: per sequence the token's window offset j, row index, the sequences starting
-    fresh (no context), the token's query tile and row in it, the sequences whose window the
-    token completes."""
+    of a call: per sequence the token's window offset j, the sequences starting fresh (no
+    context), the sequences whose window the token completes."""
     ctx = batch.context_lens
     j = ctx % c
-    rows = torch.arange(ctx.numel(), device=ctx.device)
     fresh = (ctx == 0).nonzero()[:, 0]
     full = (j == c - 1).nonzero()[:, 0]
-    return j, rows, fresh, j // tq, j % tq, full
+    return j, fresh, full
 
 
-def _decode_step(q, k, v, log_decay, batch: BatchMeta, state, c: int, tq: int) -> torch.Tensor:
+def _decode_step(q, k, v, log_decay, batch: BatchMeta, state, c: int) -> torch.Tensor:
     """One new token per sequence, with a state: the general path's arithmetic for this case
-    (one window, one query tile per sequence; same products and element-wise steps, so the
-    same bits) with a fraction of its indexing work. The new k/v go into the pool first, and
-    the products' operands are read from the pool in their final layout in one pass each."""
+    on the token's own query row only (`bmm_rows`: a row's bits do not depend on the rows
+    beside it), its operands read in place in the pools. The new k/v go into the pool first."""
     n, h, d = q.shape
     s_pool, pend_pool = state
     slots = batch.state_indices
-    j, rows, fresh, t_in, r, full = batch.derived(("lightning_decode", c, tq), lambda: _decode_indices(batch, c, tq))
+    j, fresh, full = batch.derived(("lightning_decode", c), lambda: _decode_indices(batch, c))
     if fresh.numel():                    # the slot holds whatever its previous owner left
         s_pool[slots[fresh]] = 0.0
         pend_pool[slots[fresh]] = 0.0
     pend_pool[slots, :, j] = torch.cat([k, v], -1).float()    # [B, H, 2D]
     q_decay, k_decay, intra_mask, window_decay = _tables(tuple(log_decay.tolist()), c)
-    tiles_per_window = c // tq
-    # the query tiles: row r holds the token, the other rows are zero (a product's row does
-    # not depend on the other rows; the general path has zeros there too)
-    qs = q.float() * (d ** -0.5)
-    qt = q.new_zeros((n, h, tq, d), dtype=torch.float32)
-    qt[rows, :, r] = qs
-    qd = q.new_zeros((n, h, tq, d), dtype=torch.float32)      # the same tile times λ^{j+1}, built
-    qd[rows, :, r] = qs * q_decay[:, j].t()[..., None]         # on the live row only
-    mask = intra_mask.view(h, tiles_per_window, tq, c)[:, t_in].transpose(0, 1)
-    if h * d * d * s_pool.element_size() >= STATE_IN_PLACE_BYTES:
-        # large states: a sequence's S [H, D, D] and its pending V [H, C, D] (strided rows)
-        # are read in place in the pool, by the same [tq, D] x [D, D] and [tq, C] x [C, D]
-        # products per sequence (bmm_fixed's per-matrix result does not depend on the batch);
-        # only K, transposed, is gathered
-        slot_list = slots.tolist()
-        kw_t = pend_pool[..., :d].transpose(-1, -2)[slots]    # [B, H, D, C], contiguous
-        scores = bmm_fixed(qt.reshape(-1, tq, d), kw_t.reshape(-1, d, c)).view(n, h, tq, c) * mask
-        intra = torch.stack([bmm_fixed(scores[i], pend_pool[slot, :, :, d:]) for i, slot in enumerate(slot_list)])
-        inter = torch.stack([bmm_fixed(qd[i], s_pool[slot]) for i, slot in enumerate(slot_list)])
-        pend = None
-    else:
-        pend = pend_pool.index_select(0, slots)                # [B, H, C, 2D]: one contiguous gather
-        kw_t = pend[..., :d].transpose(-1, -2).contiguous()    # [B, H, D, C]
-        vw = pend[..., d:]                                     # [B, H, C, D] (strided rows, as in the general path)
-        scores = bmm_fixed(qt.reshape(-1, tq, d), kw_t.reshape(-1, d, c)).view(n, h, tq, c) * mask
-        intra = bmm_fixed(scores.reshape(-1, tq, c), vw.reshape(n * h, c, d)).view(n, h, tq, d)
-        inter = bmm_fixed(qd.reshape(-1, tq, d), s_pool.index_select(0, slots).reshape(-1, d, d)).view(n, h, tq, d)
-    out = inter[rows, :, r] + intra[rows, :, r]                # [N, H, D]: the live rows only
+    qs = q.float() * (d ** -0.5)                               # [N, H, D]
+    # each (sequence, head)'s pending k/v [C, 2D] and S [D, D], read in place in the pools
+    pend_at = batch.derived(("lightning_pool", "pending", pend_pool.stride()), lambda: pool_offsets(pend_pool, slots))
+    s_at = batch.derived(("lightning_pool", "S", s_pool.stride()), lambda: pool_offsets(s_pool, slots))
+    scores = bmm_rows(qs.view(n * h, 1, d), pend_pool[0, 0, :, :d].t(), pend_at).view(n, h, c)
+    scores = scores * intra_mask[:, j].transpose(0, 1)         # the token's row of the window mask
+    intra = bmm_rows(scores.view(n * h, 1, c), pend_pool[0, 0, :, d:], pend_at)
+    qd = qs * q_decay[:, j].t()[..., None]                     # times λ^{j+1}
+    inter = bmm_rows(qd.view(n * h, 1, d), s_pool[0, 0], s_at)
+    out = (inter + intra).view(n, h, d)
     if full.numel():
         done = slots[full]
-        window = pend_pool[done] if pend is None else pend[full]                 # [F, H, C, 2D]
+        window = pend_pool[done]                               # [F, H, C, 2D]
         kf = window[..., :d] * k_decay[None, :, :, None]
-        kv = bmm_fixed(kf.transpose(-1, -2).reshape(-1, d, c), window[..., d:].reshape(-1, c, d)).view(-1, h, d, d)
+        kv = bmm_rows(kf.transpose(-1, -2).reshape(-1, d, c), window[..., d:].reshape(-1, c, d)).view(-1, h, d, d)
         s_pool[done] = window_decay[None, :, None, None] * s_pool[done] + kv
         pend_pool[done] = 0.0
     return out.to(q.dtype)
@@ -133,7 +109,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     num_seqs = batch.num_seqs
     q_lens, ctx = batch.query_lens, batch.context_lens
     if state is not None and n == num_seqs and batch.is_decode():
-        return _decode_step(q, k, v, log_decay, batch, state, c, tq)
+        return _decode_step(q, k, v, log_decay, batch, state, c)
     pend_lens = ctx % c
     seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=dev), q_lens)
     local = torch.arange(n, device=dev) - batch.query_start_loc[:-1][seq_idx]
@@ -181,7 +157,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     full_seq, full_win = window_full.nonzero(as_tuple=True)
     if full_seq.numel():
         kf = kwin[full_seq, :, full_win] * k_decay[None, :, :, None]             # [F, H, C, D]
-        kv = bmm_fixed(kf.transpose(-1, -2).reshape(-1, d, c),
+        kv = bmm_rows(kf.transpose(-1, -2).reshape(-1, d, c),
                        vwin[full_seq, :, full_win].reshape(-1, c, d)).view(-1, h, d, d)
     starts, s = [], s0
     for w in range(num_windows):
@@ -206,11 +182,11 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     else:
         kt, vt = kwin[t_seq, :, t_win], vwin[t_seq, :, t_win]                           # [U, H, C, D]
         s_tiles = starts[0][t_seq] if num_windows == 1 else torch.stack(starts, 1)[t_seq, t_win]
-    scores = bmm_fixed(qt.reshape(-1, tq, d), kt.transpose(-1, -2).reshape(-1, d, c)).view(u, h, tq, c)
+    scores = bmm_rows(qt.reshape(-1, tq, d), kt.transpose(-1, -2).reshape(-1, d, c)).view(u, h, tq, c)
     scores = scores * intra_mask.view(h, tiles_per_window, tq, c)[:, t_in].transpose(0, 1)
-    intra = bmm_fixed(scores.reshape(-1, tq, c), vt.reshape(-1, c, d)).view(u, h, tq, d)
+    intra = bmm_rows(scores.reshape(-1, tq, c), vt.reshape(-1, c, d)).view(u, h, tq, d)
     q_dec = q_decay.view(h, tiles_per_window, tq)[:, t_in].transpose(0, 1)[..., None]  # [U, H, tq, 1]
-    inter = bmm_fixed((qt * q_dec).reshape(-1, tq, d), s_tiles.reshape(-1, d, d)).view(u, h, tq, d)
+    inter = bmm_rows((qt * q_dec).reshape(-1, tq, d), s_tiles.reshape(-1, d, d)).view(u, h, tq, d)
     out = (inter + intra)[token_tile[:, None], heads, row]     # [N, H, D]
 
     if state is not None:

@@ -1,7 +1,8 @@
 """Batch-invariant matrix products on CPU.
 
-`bmm_fixed(a [G, m, k], b [G, k, n])` is the one contraction primitive of the cpu backend.
-Callers give it fixed per-matrix shapes (m, k, n depend only on the layer, never on how many
+`bmm_fixed(a [G, m, k], b [G, k, n])` is the contraction primitive of the projections' fp32
+forms, the router, lm_head and row sums (the attention kernels use `rows.bmm_rows`, whose
+per-element order is defined by its own code, so that decode can compute single rows). Callers give it fixed per-matrix shapes (m, k, n depend only on the layer, never on how many
 rows share the call); it pads G to at least 2 so ATen runs the matrices in parallel with a
 single-threaded GEMM each (a lone GEMM would be split across threads differently). Each
 output element is then reduced over k by the same GEMM micro-kernel in the same order,
