@@ -386,8 +386,8 @@ def bench_lightning():
     record("lightning prefill vs fla g_gamma", lambda: (True, ""), c["prefill"], c["base_gamma"], None,
            "fla chunk_simple_gla (g_gamma)")
     from rl.kernels.triton import lightning as L
-    run9 = dict(TRUNC_SPLIT=False, FULL_PROGS_PER_SM=0, TILE_WARPS=8, TILE_MAXNREG=128, TILE_STORE=False,
-                TILE_SKIP=False)
+    run9 = dict(TRUNC_SPLIT=False, PARTS_QS=3, PARTS_PV=3, PARTS_KV=3, FULL_PROGS_PER_SM=0, TILE_WARPS=8,
+                TILE_MAXNREG=128, TILE_STORE=False, TILE_SKIP=False)
     with consts(L, **run9):
         record("lightning prefill B8 T4096, run-9 settings (round-to-nearest split)", c["prefill_check"], c["prefill"],
                c["base_g"], None, "fla chunk_simple_gla (g = Ring slope)",
@@ -631,6 +631,20 @@ LIGHTNING_VARIANTS["parts"] = [
     dict(PARTS_QS=2, PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=False),
     dict(UPDATE_FIRST=True),
     dict(UPDATE_FIRST=True, PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=False),
+    dict(),
+]
+# ltune26 (these rows were run with 3/3/3 and TRUNC_SPLIT2 True the module's defaults): prefill ms
+# 0.606 / 0.616 (3/3/3, first / last row), 3/2/2 trunc 0.565, 3/2/2 rn 0.540, 3/2/3 rn 0.555,
+# 3/3/2 rn 0.597, 2/2/2 trunc 0.514, 2/2/2 rn 0.547; decode graph 0.193 -> 0.165-0.173 with 2-part
+# P·v / update; fla 0.410 / 0.451. UPDATE_FIRST (the state update issued before P·v) gave other
+# bits in the tile-kernel decode check than the full forward (12 / 36 elements): removed.
+# Shipped after it: 3/2/2 round to nearest. The p26 group re-times the close forms in one process.
+LIGHTNING_VARIANTS["parts"] = [v for v in LIGHTNING_VARIANTS["parts"] if "UPDATE_FIRST" not in v]
+LIGHTNING_VARIANTS["p26"] = [
+    dict(),
+    dict(PARTS_QS=2, PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=True),
+    dict(PARTS_QS=2, PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=False),
+    dict(PARTS_QS=3, PARTS_PV=3, PARTS_KV=3),
     dict(),
 ]
 

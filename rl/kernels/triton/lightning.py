@@ -45,13 +45,23 @@ gives the bits of the torch formulas on the same device.
 
 Precision: q·kᵀ on bf16 tensor cores (exact products, fp32 accumulate); products with an
 fp32 operand (the state S, the decayed scores P, the decayed values λ^{C-1-s} v_s) split that
-operand into SPLIT_PARTS bf16 parts (3 = fp32-accurate), smallest part first. The split
-(`_split3`, TRUNC_SPLIT) truncates: hi = x with its low 16 bits cleared, mid = the same of
-x - hi, lo = the rest; both subtractions are exact and hi + mid + lo == x exactly (the
-round-to-nearest split of matmul.py is as accurate; truncation takes bit-ands and byte
-permutes instead of conversions: 8% fewer instructions in the window loop, run 16 prefill
-0.62 -> 0.59 ms). Both kernels use the same split, so their bits agree. fp32 model inputs
-use IEEE fp32 dots (and the full-window kernel only).
+operand into bf16 parts, smallest part first, the number chosen per product (issue 8, session
+10): q·S 3 parts (`PARTS_QS`, fp32-accurate), P·v and the state update 2 (`PARTS_PV`,
+`PARTS_KV`: ~16 mantissa bits of P and of λ^{C-1-s} v_s; the state itself stays fp32 and is
+accumulated in fp32). The 3-part split (`_split3`, TRUNC_SPLIT) truncates: hi = x with its low
+16 bits cleared, mid = the same of x - hi, lo = the rest; both subtractions are exact and
+hi + mid + lo == x exactly (the round-to-nearest split of matmul.py is as accurate; truncation
+takes bit-ands and byte permutes instead of conversions: 8% fewer instructions in the window
+loop, run 16 prefill 0.62 -> 0.59 ms). The 2-part split rounds to nearest (TRUNC_SPLIT2 False:
+hi = rn(x), mid = rn(x - hi), |x - hi - mid| <= 2^-16 |x|; truncating both parts leaves up to
+2^-14, always towards zero: 3x the final-state error for no speed, ltune26). Accuracy on the
+bench's prefill inputs (B8 T4096 H16 D128, Ring slopes) against a float64 chunk recurrence with
+exact decays (bench/kernels_gpu.py `lightning_accuracy`, kernels_gpu_h200_ltune26.json): final
+state max |err| / max |S| 3.1e-6 (all 3-part: 2.6e-6; fla chunk_simple_gla: 1.7e-3), output
+elements that differ from the float64 result rounded to bf16 0.23% (all 3-part 0.04%, fla 45%);
+prefill 0.606 -> 0.540 ms, decode graph replay 0.193 -> 0.171 ms in the same run. Both kernels
+use the same splits, so their bits agree. fp32 model inputs use IEEE fp32 dots (and the
+full-window kernel only).
 Gradients (trainer, no state): fla's `chunk_simple_gla` with `g_gamma` when installed, else a
 torch chunk-form reference; correct, not bit-identical.
 """
@@ -73,17 +83,20 @@ from rl.kernels.triton.matmul import MODE_BF16, MODE_IEEE, split3
 # full-window kernel (H200 variant tables: bench/results/kernels_gpu_h200_tune4.json, tune5.json)
 BLOCK_V = 64      # 32: illegal memory access on the H200 (Triton 3.6, wgmma N = 32), tune1 and tune5
 # bf16 parts of the fp32 operand, per product (3: fp32-accurate; 2: ~16 mantissa bits), the
-# same in both kernels (so their bits agree)
+# same in both kernels (so their bits agree). Session 10 (kernels_gpu_h200_ltune26.json, H200,
+# prefill ms / decode graph ms / final-state max error over max |S| vs float64): 3/3/3 0.606-0.616
+# / 0.193 / 2.6e-6; 3/2/2 round-to-nearest 0.540 / 0.171 / 3.1e-6; 3/2/2 truncating 0.565 /
+# 0.170 / 1.0e-5; 2/2/2 rn 0.547 / 0.171 / 3.1e-6; 2/2/2 trunc 0.514 / 0.165 / 1.0e-5 (fla
+# chunk 0.41-0.45 ms, 1.7e-3)
 PARTS_QS = 3      # q · S (the state at the window start)
-PARTS_PV = 3      # P · v (P the decayed, scaled scores)
-PARTS_KV = 3      # kᵀ · (λ^{C-1-s} v) (the state update)
+PARTS_PV = 2      # P · v (P the decayed, scaled scores)
+PARTS_KV = 2      # kᵀ · (λ^{C-1-s} v) (the state update)
 TRUNC_SPLIT = True   # 3-part splits by truncation (exact: hi + mid + lo == x); False: round to nearest
-TRUNC_SPLIT2 = True  # 2-part splits by truncation (error < 2^-14 relative, towards zero); False: round
-                     # to nearest (hi = rn(x), mid = rn(x - hi): error <= 2^-16 relative, unbiased)
+TRUNC_SPLIT2 = False  # 2-part splits round to nearest (hi = rn(x), mid = rn(x - hi): error <= 2^-16
+                      # relative, unbiased); True: truncation (error < 2^-14 relative, towards zero)
 NUM_WARPS = 4     # 8 warps: 1 program an SM at 255 registers; 4: 2 programs, 35% faster (H200)
 NUM_STAGES = 1    # 2 stages: shared memory for 1 program an SM, slower
 MAXNREG = None    # register cap (None: the compiler's 255); 8 warps capped at 128: 2.8x slower (spills)
-UPDATE_FIRST = False   # full-window kernel: the state update issued before P·v (same bits)
 FULL_PROGS_PER_SM = 2   # grid of the full-window kernel: at most this many programs an SM (0: one a work item)
 # tile kernel: 64 V-columns a program, 4 warps capped at 168 registers, so 3 programs share
 # an SM (run 16: decode 0.236 vs 0.252 ms with 8 warps capped at 128, 2 an SM; tune5/run 9:
@@ -248,8 +261,7 @@ def _lightning_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl
                       s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, n_items,
                       D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
                       MODE: tl.constexpr, PQS: tl.constexpr, PPV: tl.constexpr, PKV: tl.constexpr,
-                      TILE: tl.constexpr, TQ: tl.constexpr, ITEMS: tl.constexpr, TRUNC: tl.constexpr,
-                      UFIRST: tl.constexpr):
+                      TILE: tl.constexpr, TQ: tl.constexpr, ITEMS: tl.constexpr, TRUNC: tl.constexpr):
     """Work items (sequence, head, V-block) item = pid + j·grid, j = 0, 1, ...: the grid may be
     smaller than the item count, so that items the tile kernel took (a decode batch: all of
     them) cost a few vector loads instead of a launched program each. ITEMS of a program's
@@ -279,7 +291,7 @@ def _lightning_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl
                                                                         H, NV, C, HAS_STATE)
                     _full_item(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr,
                                intra_ptr, wdec_ptr, s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start,
-                               ctx, pend, used, D, C, BV, HAS_STATE, MODE, PQS, PPV, PKV, TRUNC, UFIRST)
+                               ctx, pend, used, D, C, BV, HAS_STATE, MODE, PQS, PPV, PKV, TRUNC)
 
 
 @triton.jit
@@ -309,8 +321,7 @@ def _load_state(s_base, s_off, ctx, D: tl.constexpr, BV: tl.constexpr, HAS_STATE
 def _full_item(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
                s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start, ctx, pend, used,
                D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
-               MODE: tl.constexpr, PQS: tl.constexpr, PPV: tl.constexpr, PKV: tl.constexpr, TRUNC: tl.constexpr,
-               UFIRST: tl.constexpr):
+               MODE: tl.constexpr, PQS: tl.constexpr, PPV: tl.constexpr, PKV: tl.constexpr, TRUNC: tl.constexpr):
     """One (sequence, head, V-block): its windows in order, S[:, V-block] in registers."""
     n_win = tl.cdiv(used, C)
     n_full = used // C
@@ -331,17 +342,12 @@ def _full_item(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, 
     for w in range(0, n_win):
         scores = _qk(q, k, MODE) * intra
         inter = _mm_f32b(q, S, tl.zeros((C, BV), dtype=tl.float32), MODE, PQS, TRUNC)
-        if UFIRST:   # the state update issued before P·v (the same products: the same bits)
-            if w < n_full:
-                v_dec = v.to(tl.float32) * k_decay[:, None]
-                S = _mm_f32b(tl.trans(k), v_dec, S * w_decay, MODE, PKV, TRUNC)
         out = _mm_f32a(scores, v, inter * q_decay[:, None], MODE, PPV, TRUNC)
         tl.store(o_ptr + (tok[:, None] * H + h) * D + vi[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=is_new[:, None])
-        if not UFIRST:
-            if w < n_full:
-                v_dec = v.to(tl.float32) * k_decay[:, None]
-                S = _mm_f32b(tl.trans(k), v_dec, S * w_decay, MODE, PKV, TRUNC)
+        if w < n_full:
+            v_dec = v.to(tl.float32) * k_decay[:, None]
+            S = _mm_f32b(tl.trans(k), v_dec, S * w_decay, MODE, PKV, TRUNC)
         p = (w + 1) * C + ci
         is_new = p < used
         tok = tl.where(is_new, start + p - pend, 0).to(tl.int64)
@@ -563,7 +569,7 @@ def _lightning_fast(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
     grid = n_items if FULL_PROGS_PER_SM <= 0 else max(1, min(n_items, FULL_PROGS_PER_SM * _num_sms(q.device)))
     _lightning_kernel[(grid,)](
         *args, n_items, D=d, C=chunk_size, BV=bv, HAS_STATE=has_state, MODE=mode, PQS=PARTS_QS, PPV=PARTS_PV,
-        PKV=PARTS_KV, TILE=tile, TQ=tq, ITEMS=32, TRUNC=trunc, UFIRST=UPDATE_FIRST, num_warps=NUM_WARPS,
+        PKV=PARTS_KV, TILE=tile, TQ=tq, ITEMS=32, TRUNC=trunc, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES, maxnreg=MAXNREG)
     if has_state:
         _pending_kernel[(triton.cdiv(batch.num_seqs, 32), h)](
