@@ -645,6 +645,7 @@ LIGHTNING_VARIANTS["p26"] = [
     dict(PARTS_QS=2, PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=True),
     dict(PARTS_QS=2, PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=False),
     dict(PARTS_QS=3, PARTS_PV=3, PARTS_KV=3),
+    dict(TRUNC_SPLIT2=True),
     dict(),
 ]
 
