@@ -638,15 +638,17 @@ LIGHTNING_VARIANTS["parts"] = [
 # 3/3/2 rn 0.597, 2/2/2 trunc 0.514, 2/2/2 rn 0.547; decode graph 0.193 -> 0.165-0.173 with 2-part
 # P·v / update; fla 0.410 / 0.451. UPDATE_FIRST (the state update issued before P·v) gave other
 # bits in the tile-kernel decode check than the full forward (12 / 36 elements): removed.
-# Shipped after it: 3/2/2 round to nearest. The p26 group re-times the close forms in one process.
+# p26 (kernels_gpu_h200_ltune27.json, one process): 3/2/2 rn 0.499 / 0.494, 2/2/2 trunc 0.467, 2/2/2 rn
+# 0.497, 3/3/3 0.549, 3/2/2 trunc 0.496, fla 0.410: shipped after it 2/2/2 truncating (runs 26-27
+# shipped 3/2/2 rn: prefill ratio 1.219 / 1.223).
 LIGHTNING_VARIANTS["parts"] = [v for v in LIGHTNING_VARIANTS["parts"] if "UPDATE_FIRST" not in v]
 LIGHTNING_VARIANTS["p26"] = [
-    dict(),
+    dict(PARTS_QS=3, TRUNC_SPLIT2=False),
     dict(PARTS_QS=2, PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=True),
     dict(PARTS_QS=2, PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=False),
     dict(PARTS_QS=3, PARTS_PV=3, PARTS_KV=3),
-    dict(TRUNC_SPLIT2=True),
-    dict(),
+    dict(PARTS_QS=3, TRUNC_SPLIT2=True),
+    dict(PARTS_QS=3, TRUNC_SPLIT2=False),
 ]
 
 

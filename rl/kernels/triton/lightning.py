@@ -45,23 +45,23 @@ gives the bits of the torch formulas on the same device.
 
 Precision: q·kᵀ on bf16 tensor cores (exact products, fp32 accumulate); products with an
 fp32 operand (the state S, the decayed scores P, the decayed values λ^{C-1-s} v_s) split that
-operand into bf16 parts, smallest part first, the number chosen per product (issue 8, session
-10): q·S 3 parts (`PARTS_QS`, fp32-accurate), P·v and the state update 2 (`PARTS_PV`,
-`PARTS_KV`: ~16 mantissa bits of P and of λ^{C-1-s} v_s; the state itself stays fp32 and is
-accumulated in fp32). The 3-part split (`_split3`, TRUNC_SPLIT) truncates: hi = x with its low
-16 bits cleared, mid = the same of x - hi, lo = the rest; both subtractions are exact and
-hi + mid + lo == x exactly (the round-to-nearest split of matmul.py is as accurate; truncation
-takes bit-ands and byte permutes instead of conversions: 8% fewer instructions in the window
-loop, run 16 prefill 0.62 -> 0.59 ms). The 2-part split rounds to nearest (TRUNC_SPLIT2 False:
-hi = rn(x), mid = rn(x - hi), |x - hi - mid| <= 2^-16 |x|; truncating both parts leaves up to
-2^-14, always towards zero: 3x the final-state error for no speed, ltune26). Accuracy on the
-bench's prefill inputs (B8 T4096 H16 D128, Ring slopes) against a float64 chunk recurrence with
-exact decays (bench/kernels_gpu.py `lightning_accuracy`, kernels_gpu_h200_ltune26.json): final
-state max |err| / max |S| 3.1e-6 (all 3-part: 2.6e-6; fla chunk_simple_gla: 1.7e-3), output
-elements that differ from the float64 result rounded to bf16 0.23% (all 3-part 0.04%, fla 45%);
-prefill 0.606 -> 0.540 ms, decode graph replay 0.193 -> 0.171 ms in the same run. Both kernels
-use the same splits, so their bits agree. fp32 model inputs use IEEE fp32 dots (and the
-full-window kernel only).
+operand into bf16 parts, smallest part first, the number chosen per product (`PARTS_QS`,
+`PARTS_PV`, `PARTS_KV`). Shipped (issue 8, session 10): 2 parts for all three (~16 mantissa
+bits of S, P and λ^{C-1-s} v_s in the products; the state itself stays fp32, accumulated in
+fp32, and is stored fp32). The split (`_split3`, TRUNC_SPLIT / TRUNC_SPLIT2) truncates: hi = x
+with its low 16 bits cleared, mid = the same of x - hi, lo = the rest; both subtractions are
+exact and hi + mid + lo == x exactly, so 3 parts are fp32-accurate and 2 leave |x - hi - mid| <
+2^-14 |x| (the round-to-nearest split of matmul.py is as accurate in 3 parts and 4x more in 2, but
+takes conversions instead of bit-ands and byte permutes: run 16, 3 parts, 0.62 -> 0.59 ms with
+truncation; ltune27, 2 parts, 0.497 -> 0.467 ms). Accuracy on the bench's prefill inputs (B8
+T4096 H16 D128, Ring slopes) against a float64 chunk recurrence with exact decays
+(bench/kernels_gpu.py `lightning_accuracy`; kernels_gpu_h200_ltune26/27.json), shipped / all
+3-part / fla chunk_simple_gla: final state max |err| / max |S| 1.0e-5 / 2.6e-6 / 1.7e-3, norm-wise
+1.0e-5 / 1.4e-6 / 1.6e-3; output (bf16) elements that differ from the float64 result rounded to
+bf16 0.71% / 0.04% / 45%. The middle ground (3 parts for q·S, 2 rounded to nearest for P·v and the
+update: state 3.1e-6, output 0.23%) ran 0.494-0.503 ms, prefill ratio 1.219-1.223 (runs 26-27):
+not within 1.2. Both kernels use the same splits, so their bits agree. fp32 model inputs use
+IEEE fp32 dots (and the full-window kernel only).
 Gradients (trainer, no state): fla's `chunk_simple_gla` with `g_gamma` when installed, else a
 torch chunk-form reference; correct, not bit-identical.
 """
@@ -83,17 +83,17 @@ from rl.kernels.triton.matmul import MODE_BF16, MODE_IEEE, split3
 # full-window kernel (H200 variant tables: bench/results/kernels_gpu_h200_tune4.json, tune5.json)
 BLOCK_V = 64      # 32: illegal memory access on the H200 (Triton 3.6, wgmma N = 32), tune1 and tune5
 # bf16 parts of the fp32 operand, per product (3: fp32-accurate; 2: ~16 mantissa bits), the
-# same in both kernels (so their bits agree). Session 10 (kernels_gpu_h200_ltune26.json, H200,
-# prefill ms / decode graph ms / final-state max error over max |S| vs float64): 3/3/3 0.606-0.616
-# / 0.193 / 2.6e-6; 3/2/2 round-to-nearest 0.540 / 0.171 / 3.1e-6; 3/2/2 truncating 0.565 /
-# 0.170 / 1.0e-5; 2/2/2 rn 0.547 / 0.171 / 3.1e-6; 2/2/2 trunc 0.514 / 0.165 / 1.0e-5 (fla
-# chunk 0.41-0.45 ms, 1.7e-3)
-PARTS_QS = 3      # q · S (the state at the window start)
+# same in both kernels (so their bits agree). Session 10, one process each (H200; prefill ms,
+# final-state max |err| / max |S| against float64): kernels_gpu_h200_ltune27.json: 2/2/2 truncating
+# 0.467 (1.0e-5), 2/2/2 round to nearest 0.497 (3.1e-6), 3/2/2 rn 0.494-0.499 (3.1e-6), 3/2/2
+# trunc 0.496 (1.0e-5), 3/3/3 0.549 (2.6e-6), fla chunk 0.410 (1.7e-3); ltune26 the same order.
+# Only the all-truncating 2-part form meets issue 8's 1.2 (3/2/2 rn: 1.219 / 1.223, runs 26-27).
+PARTS_QS = 2      # q · S (the state at the window start)
 PARTS_PV = 2      # P · v (P the decayed, scaled scores)
 PARTS_KV = 2      # kᵀ · (λ^{C-1-s} v) (the state update)
 TRUNC_SPLIT = True   # 3-part splits by truncation (exact: hi + mid + lo == x); False: round to nearest
-TRUNC_SPLIT2 = False  # 2-part splits round to nearest (hi = rn(x), mid = rn(x - hi): error <= 2^-16
-                      # relative, unbiased); True: truncation (error < 2^-14 relative, towards zero)
+TRUNC_SPLIT2 = True   # 2-part splits by truncation (|x - hi - mid| < 2^-14 |x|, towards zero); False:
+                      # round to nearest (hi = rn(x), mid = rn(x - hi): <= 2^-16 |x|, 6% slower, ltune27)
 NUM_WARPS = 4     # 8 warps: 1 program an SM at 255 registers; 4: 2 programs, 35% faster (H200)
 NUM_STAGES = 1    # 2 stages: shared memory for 1 program an SM, slower
 MAXNREG = None    # register cap (None: the compiler's 255); 8 warps capped at 128: 2.8x slower (spills)
