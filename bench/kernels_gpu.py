@@ -386,15 +386,20 @@ def bench_lightning():
     record("lightning prefill vs fla g_gamma", lambda: (True, ""), c["prefill"], c["base_gamma"], None,
            "fla chunk_simple_gla (g_gamma)")
     from rl.kernels.triton import lightning as L
-    run9 = dict(TRUNC_SPLIT=False, FULL_PROGS_PER_SM=0, TILE_WARPS=8, TILE_MAXNREG=128, TILE_STORE=False,
-                TILE_SKIP=False)
+    run9 = dict(TRUNC_SPLIT=False, PARTS_QS=3, PARTS_PV=3, PARTS_KV=3, FULL_PROGS_PER_SM=0, TILE_WARPS=8,
+                TILE_MAXNREG=128, TILE_STORE=False, TILE_SKIP=False)
     with consts(L, **run9):
         record("lightning prefill B8 T4096, run-9 settings (round-to-nearest split)", c["prefill_check"], c["prefill"],
                c["base_g"], None, "fla chunk_simple_gla (g = Ring slope)",
                note="not the shipped setting: the before of run 16 in the same run (other bits)")
-    with consts(L, SPLIT_PARTS=2):
-        record("lightning prefill, 2-part split (precision variant)", lambda: (True, ""), c["prefill"], c["base_g"],
-               None, "fla chunk_simple_gla (g)", note="not the shipped setting (SPLIT_PARTS=3)")
+    shipped = f"PARTS_QS/PV/KV = {L.PARTS_QS}/{L.PARTS_PV}/{L.PARTS_KV}, TRUNC_SPLIT2 = {L.TRUNC_SPLIT2}"
+    for label, values in (("3-part split everywhere (fp32-accurate)", dict(PARTS_QS=3, PARTS_PV=3, PARTS_KV=3)),
+                          ("2-part split everywhere (precision variant)", dict(PARTS_QS=2, PARTS_PV=2, PARTS_KV=2))):
+        if all(getattr(L, k) == val for k, val in values.items()):
+            continue    # the shipped form: timed above
+        with consts(L, **values):
+            record(f"lightning prefill, {label}", c["prefill_check"], c["prefill"], c["base_g"],
+                   None, "fla chunk_simple_gla (g)", note=f"not the shipped setting ({shipped}; other bits)")
     record("lightning decode B256 (state fp32 + pending)", c["decode_check"], c["decode"], c["decode_base"], 1.3,
            "fla fused_recurrent_simple_gla (g_gamma, fp32 state in/out)")
     with consts(L, **run9):
@@ -608,6 +613,155 @@ LIGHTNING_VARIANTS["d8"] = [dict(TILE_SKIP=True), dict(TILE_SKIP=False), dict(TI
 # and slot, all at the start) gave the same bits but ran 0.2148 / 0.2150 ms by graph replay
 # against the general form's 0.2124 / 0.2122 (alternating runs): removed. Like the slot-load
 # hoist of session 7, issuing the loads earlier does not shorten this kernel.
+
+
+# session 10 (issue 8, kernels_gpu_h200_ltune26.json): bf16 parts of the fp32 operand chosen per
+# product (PARTS_QS q·S, PARTS_PV P·v, PARTS_KV the state update; TRUNC_SPLIT2 False: the 2-part
+# splits round to nearest), and the state update issued before P·v (UPDATE_FIRST, same bits).
+# Each row: the bitwise checks of its own form (prefill split / alone, prefill + decode tails at
+# every window offset), prefill and decode times, and the accuracy of the output and of the final
+# state after T=4096 against a float64 reference (`lightning_accuracy`).
+LIGHTNING_VARIANTS["parts"] = [
+    dict(),
+    dict(PARTS_PV=2, PARTS_KV=2),
+    dict(PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=False),
+    dict(PARTS_PV=2, TRUNC_SPLIT2=False),
+    dict(PARTS_KV=2, TRUNC_SPLIT2=False),
+    dict(PARTS_QS=2, PARTS_PV=2, PARTS_KV=2),
+    dict(PARTS_QS=2, PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=False),
+    dict(UPDATE_FIRST=True),
+    dict(UPDATE_FIRST=True, PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=False),
+    dict(),
+]
+# ltune26 (these rows were run with 3/3/3 and TRUNC_SPLIT2 True the module's defaults): prefill ms
+# 0.606 / 0.616 (3/3/3, first / last row), 3/2/2 trunc 0.565, 3/2/2 rn 0.540, 3/2/3 rn 0.555,
+# 3/3/2 rn 0.597, 2/2/2 trunc 0.514, 2/2/2 rn 0.547; decode graph 0.193 -> 0.165-0.173 with 2-part
+# P·v / update; fla 0.410 / 0.451. UPDATE_FIRST (the state update issued before P·v) gave other
+# bits in the tile-kernel decode check than the full forward (12 / 36 elements): removed.
+# p26 (kernels_gpu_h200_ltune27.json, one process): 3/2/2 rn 0.499 / 0.494, 2/2/2 trunc 0.467, 2/2/2 rn
+# 0.497, 3/3/3 0.549, 3/2/2 trunc 0.496, fla 0.410: shipped after it 2/2/2 truncating (runs 26-27
+# shipped 3/2/2 rn: prefill ratio 1.219 / 1.223).
+LIGHTNING_VARIANTS["parts"] = [v for v in LIGHTNING_VARIANTS["parts"] if "UPDATE_FIRST" not in v]
+LIGHTNING_VARIANTS["p26"] = [
+    dict(PARTS_QS=3, TRUNC_SPLIT2=False),
+    dict(PARTS_QS=2, PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=True),
+    dict(PARTS_QS=2, PARTS_PV=2, PARTS_KV=2, TRUNC_SPLIT2=False),
+    dict(PARTS_QS=3, PARTS_PV=3, PARTS_KV=3),
+    dict(PARTS_QS=3, TRUNC_SPLIT2=True),
+    dict(PARTS_QS=3, TRUNC_SPLIT2=False),
+]
+
+
+def lightning_accuracy_inputs(b=8, t=4096, h=16, d=128, seed=1):
+    """Ring-mini prefill inputs (as `lightning_cases`) and the float64 reference of the chunk
+    recurrence with the exact decays exp(log λ·n) (no fp32 tables): output [B·T, H, D] and the
+    final state [B, H, D, D]."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    slopes = torch.tensor([2 ** (-0.5 * (i + 1)) for i in range(h)], device=DEV)
+    ld = -slopes * 0.5
+    q, k, v = (torch.randn(b * t, h, d, device=DEV, generator=gen).mul(0.3).to(BF16) for _ in range(3))
+    c = 64
+    lam = ld.double()
+    j = torch.arange(c, device=DEV, dtype=torch.float64)
+    scale = d ** -0.5
+    qdec = torch.exp(lam[:, None] * (j + 1)) * scale                     # [H, C]
+    kdec = torch.exp(lam[:, None] * (c - 1 - j))
+    diff = j[:, None] - j[None, :]
+    intra = torch.where(diff >= 0, torch.exp(lam[:, None, None] * diff.clamp(min=0)), 0.0) * scale   # [H, C, C]
+    wdec = torch.exp(lam * c)
+    qd, kd, vd = (x.view(b, t, h, d).permute(0, 2, 1, 3).double() for x in (q, k, v))   # [B, H, T, D]
+    s = torch.zeros(b, h, d, d, device=DEV, dtype=torch.float64)
+    out = torch.empty(b, h, t, d, device=DEV, dtype=torch.float64)
+    for w in range(t // c):
+        sl = slice(w * c, (w + 1) * c)
+        qw, kw, vw = qd[:, :, sl], kd[:, :, sl], vd[:, :, sl]
+        out[:, :, sl] = (qw @ s) * qdec[None, :, :, None] + ((qw @ kw.transpose(-1, -2)) * intra[None]) @ vw
+        s = wdec[None, :, None, None] * s + kw.transpose(-1, -2) @ (vw * kdec[None, :, :, None])
+    return dict(q=q, k=k, v=v, ld=ld, b=b, t=t, h=h, d=d, ref_o=out.permute(0, 2, 1, 3).reshape(b * t, h, d), ref_s=s)
+
+
+def _errors(x, ref, rounded=False):
+    """max |x - ref|, that over max |ref| ("max_rel"), the norm-wise ‖x - ref‖ / ‖ref‖, the
+    largest element-wise relative error over elements with |ref| >= 1e-3 max |ref|; for a bf16
+    output also the fraction of elements that differ from the float64 reference rounded to bf16."""
+    e = (x.double() - ref).abs()
+    big = ref.abs() >= 1e-3 * ref.abs().max()
+    r = {"max_abs": e.max().item(), "max_rel": (e.max() / ref.abs().max()).item(),
+         "norm_rel": (e.norm() / ref.norm()).item(), "max_elem_rel": (e[big] / ref.abs()[big]).max().item()}
+    if rounded:
+        r["frac_ne_rounded_ref"] = (x != ref.to(x.dtype)).double().mean().item()
+    return r
+
+
+def lightning_accuracy(a):
+    """Our prefill through the state (output, S after the last window) against the reference."""
+    b, t, h, d = a["b"], a["t"], a["h"], a["d"]
+    meta = BatchMeta.from_lengths([t] * b, context_lens=[0] * b, device=DEV)
+    meta.state_indices = torch.arange(b, device=DEV)
+    st = (torch.full((b, h, d, d), float("nan"), device=DEV), torch.full((b, h, 64, 2 * d), float("nan"), device=DEV))
+    o = T.lightning_attention(a["q"], a["k"], a["v"], a["ld"], meta, st, 64)
+    o2 = T.lightning_attention(a["q"], a["k"], a["v"], a["ld"], BatchMeta.from_lengths([t] * b, device=DEV), None, 64)
+    return {"output": _errors(o, a["ref_o"], True), "state": _errors(st[0], a["ref_s"]),
+            "stateless_same_bits": bool(torch.equal(o, o2))}
+
+
+def fla_accuracy(a):
+    from fla.ops.simple_gla import chunk_simple_gla
+    b, t, h, d = a["b"], a["t"], a["h"], a["d"]
+    g = a["ld"][None, None, :].expand(b, t, h).contiguous()
+    o, ht = chunk_simple_gla(*(x.view(b, t, h, d) for x in (a["q"], a["k"], a["v"])), g=g, scale=d ** -0.5,
+                             output_final_state=True)
+    return {"output": _errors(o.reshape(b * t, h, d), a["ref_o"], True), "state": _errors(ht.float(), a["ref_s"]),
+            "state_dtype": str(ht.dtype)}
+
+
+def tune_lightning_parts():
+    """Variant table LVARIANTS=parts (`--only lparts`): for each variant its own bitwise checks
+    (prefill: a sequence alone = in a batch; decode: tails of 1-5 tokens after a cached prefill,
+    every window offset, = the full forward), the bits against the shipped prefill output,
+    prefill time, decode time (eager and graph replay), and the accuracy table; fla's baselines
+    and accuracy before and after. LPRECOMPILE=N compiles the variants first in N processes."""
+    import os
+    from rl.kernels.triton import lightning as L
+    groups = os.environ.get("LVARIANTS", "parts").split(",")
+    todo = [v for g in groups for v in LIGHTNING_VARIANTS[g]]
+    if os.environ.get("LPRECOMPILE"):
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        t0 = time.time()
+        with cf.ProcessPoolExecutor(max_workers=int(os.environ.get("LPRECOMPILE")), mp_context=mp.get_context("spawn")) as pool:
+            errs = list(pool.map(_lightning_warm, todo))
+        print(f"lightning precompile {len(todo)} variants {time.time() - t0:.1f}s; errors: "
+              f"{[(v, e) for v, e in zip(todo, errs) if e]}", flush=True)
+    c = lightning_cases()
+    acc = lightning_accuracy_inputs()
+    base = {"base_g_ms": tune_ms(c["base_g"], 100), "decode_base_ms": tune_ms(c["decode_base"], 100),
+            "decode_base_graph_ms": graph_ms(c["decode_base"]), "fla_accuracy": fla_accuracy(acc)}
+    print(f"tune lightning parts: fla {base}", flush=True)
+    RESULTS.append({"name": "tune lightning parts: fla baselines and accuracy", "result": base})
+    ref_pre = c["prefill"]().clone()
+    torch.cuda.synchronize()
+    for values in todo:
+        row = {"variant": {k: str(v) for k, v in values.items()}}
+        try:
+            with consts(L, **values):
+                fails = [f"{n}: {det}" for n in ("prefill_check", "decode_check") for ok, det in [c[n]()] if not ok]
+                row["checks"] = "pass" if not fails else "FAIL " + "; ".join(fails)
+                row["same_prefill_bits_as_shipped"] = bool(torch.equal(c["prefill"](), ref_pre))
+                if not fails:
+                    row["prefill_ms"] = tune_ms(c["prefill"], 100)
+                    row["decode_ms"] = tune_ms(c["decode"], 100)
+                    row["decode_graph_ms"] = graph_ms(c["decode"])
+                    row["accuracy"] = lightning_accuracy(acc)
+        except Exception as err:
+            row["error"] = repr(err)[:300]
+        print(f"tune lightning parts: {row}", flush=True)
+        RESULTS.append({"name": "tune lightning parts variant", "result": row})
+        flush()
+    base = {"base_g_ms": tune_ms(c["base_g"], 100), "decode_base_graph_ms": graph_ms(c["decode_base"])}
+    print(f"tune lightning parts: fla again {base}", flush=True)
+    RESULTS.append({"name": "tune lightning parts: fla baselines after the table", "result": base})
+    flush()
 
 
 def _lightning_warm(values):
@@ -1166,14 +1320,14 @@ def bench_slice():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/kernels_gpu_h200.json")
-    ap.add_argument("--only", default="", help="comma list: gemm,probe,rmsnorm,attn,lightning,moe,slice,tune,lprobe,ltune (tune: variant tables; lprobe: lightning calls for ncu; ltune: lightning variants, LVARIANTS=groups; none of the three in the default set)")
+    ap.add_argument("--only", default="", help="comma list: gemm,probe,rmsnorm,attn,lightning,moe,slice,tune,lprobe,ltune (tune: variant tables; lprobe: lightning calls for ncu; ltune / lparts: lightning variants, LVARIANTS=groups; none of these four in the default set)")
     args = ap.parse_args()
     torch.manual_seed(0)
     parts = {"gemm": lambda: bench_gemm([1, 8, 64, 256, 4096, 16384]), "probe": probe_gemm_configs,
              "rmsnorm": bench_rmsnorm, "attn": bench_softmax_attention, "lightning": bench_lightning,
              "moe": bench_moe, "slice": bench_slice, "tune": tune_all, "lprobe": probe_lightning,
-             "ltune": tune_lightning_split}
-    chosen = [p for p in parts if p in args.only.split(",")] if args.only else [p for p in parts if p not in ("tune", "lprobe")]
+             "ltune": tune_lightning_split, "lparts": tune_lightning_parts}
+    chosen = [p for p in parts if p in args.only.split(",")] if args.only else [p for p in parts if p not in ("tune", "lprobe", "ltune", "lparts")]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     META.update(out=args.out, t0=time.time(), command="python bench/kernels_gpu.py " + " ".join(sys.argv[1:]),
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

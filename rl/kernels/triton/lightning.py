@@ -45,13 +45,23 @@ gives the bits of the torch formulas on the same device.
 
 Precision: q·kᵀ on bf16 tensor cores (exact products, fp32 accumulate); products with an
 fp32 operand (the state S, the decayed scores P, the decayed values λ^{C-1-s} v_s) split that
-operand into SPLIT_PARTS bf16 parts (3 = fp32-accurate), smallest part first. The split
-(`_split3`, TRUNC_SPLIT) truncates: hi = x with its low 16 bits cleared, mid = the same of
-x - hi, lo = the rest; both subtractions are exact and hi + mid + lo == x exactly (the
-round-to-nearest split of matmul.py is as accurate; truncation takes bit-ands and byte
-permutes instead of conversions: 8% fewer instructions in the window loop, run 16 prefill
-0.62 -> 0.59 ms). Both kernels use the same split, so their bits agree. fp32 model inputs
-use IEEE fp32 dots (and the full-window kernel only).
+operand into bf16 parts, smallest part first, the number chosen per product (`PARTS_QS`,
+`PARTS_PV`, `PARTS_KV`). Shipped (issue 8, session 10): 2 parts for all three (~16 mantissa
+bits of S, P and λ^{C-1-s} v_s in the products; the state itself stays fp32, accumulated in
+fp32, and is stored fp32). The split (`_split3`, TRUNC_SPLIT / TRUNC_SPLIT2) truncates: hi = x
+with its low 16 bits cleared, mid = the same of x - hi, lo = the rest; both subtractions are
+exact and hi + mid + lo == x exactly, so 3 parts are fp32-accurate and 2 leave |x - hi - mid| <
+2^-14 |x| (the round-to-nearest split of matmul.py is as accurate in 3 parts and 4x more in 2, but
+takes conversions instead of bit-ands and byte permutes: run 16, 3 parts, 0.62 -> 0.59 ms with
+truncation; ltune27, 2 parts, 0.497 -> 0.467 ms). Accuracy on the bench's prefill inputs (B8
+T4096 H16 D128, Ring slopes) against a float64 chunk recurrence with exact decays
+(bench/kernels_gpu.py `lightning_accuracy`; kernels_gpu_h200_ltune26/27.json), shipped / all
+3-part / fla chunk_simple_gla: final state max |err| / max |S| 1.0e-5 / 2.6e-6 / 1.7e-3, norm-wise
+1.0e-5 / 1.4e-6 / 1.6e-3; output (bf16) elements that differ from the float64 result rounded to
+bf16 0.71% / 0.04% / 45%. The middle ground (3 parts for q·S, 2 rounded to nearest for P·v and the
+update: state 3.1e-6, output 0.23%) ran 0.494-0.503 ms, prefill ratio 1.219-1.223 (runs 26-27):
+not within 1.2. Both kernels use the same splits, so their bits agree. fp32 model inputs use
+IEEE fp32 dots (and the full-window kernel only).
 Gradients (trainer, no state): fla's `chunk_simple_gla` with `g_gamma` when installed, else a
 torch chunk-form reference; correct, not bit-identical.
 """
@@ -72,8 +82,18 @@ from rl.kernels.triton.matmul import MODE_BF16, MODE_IEEE, split3
 
 # full-window kernel (H200 variant tables: bench/results/kernels_gpu_h200_tune4.json, tune5.json)
 BLOCK_V = 64      # 32: illegal memory access on the H200 (Triton 3.6, wgmma N = 32), tune1 and tune5
-SPLIT_PARTS = 3
-TRUNC_SPLIT = True   # fp32 operands split by truncation (exact: hi + mid + lo == x); False: round to nearest
+# bf16 parts of the fp32 operand, per product (3: fp32-accurate; 2: ~16 mantissa bits), the
+# same in both kernels (so their bits agree). Session 10, one process each (H200; prefill ms,
+# final-state max |err| / max |S| against float64): kernels_gpu_h200_ltune27.json: 2/2/2 truncating
+# 0.467 (1.0e-5), 2/2/2 round to nearest 0.497 (3.1e-6), 3/2/2 rn 0.494-0.499 (3.1e-6), 3/2/2
+# trunc 0.496 (1.0e-5), 3/3/3 0.549 (2.6e-6), fla chunk 0.410 (1.7e-3); ltune26 the same order.
+# Only the all-truncating 2-part form meets issue 8's 1.2 (3/2/2 rn: 1.219 / 1.223, runs 26-27).
+PARTS_QS = 2      # q · S (the state at the window start)
+PARTS_PV = 2      # P · v (P the decayed, scaled scores)
+PARTS_KV = 2      # kᵀ · (λ^{C-1-s} v) (the state update)
+TRUNC_SPLIT = True   # 3-part splits by truncation (exact: hi + mid + lo == x); False: round to nearest
+TRUNC_SPLIT2 = True   # 2-part splits by truncation (|x - hi - mid| < 2^-14 |x|, towards zero); False:
+                      # round to nearest (hi = rn(x), mid = rn(x - hi): <= 2^-16 |x|, 6% slower, ltune27)
 NUM_WARPS = 4     # 8 warps: 1 program an SM at 255 registers; 4: 2 programs, 35% faster (H200)
 NUM_STAGES = 1    # 2 stages: shared memory for 1 program an SM, slower
 MAXNREG = None    # register cap (None: the compiler's 255); 8 warps capped at 128: 2.8x slower (spills)
@@ -110,12 +130,22 @@ def _split3(x, TRUNC: tl.constexpr):
 
 
 @triton.jit
+def _split(x, PARTS: tl.constexpr, TRUNC: tl.constexpr):
+    """`_split3` in the form of PARTS: 3 parts by TRUNC's split, 2 parts (hi, mid; lo unused)
+    by TRUNC % 2's (TRUNC = TRUNC_SPLIT + 2·TRUNC_SPLIT2)."""
+    if PARTS == 3:
+        return _split3(x, TRUNC % 2 == 1)
+    else:
+        return _split3(x, TRUNC // 2 == 1)
+
+
+@triton.jit
 def _mm_f32a(a, b, acc, MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.constexpr):
     """acc += a @ b, a fp32 (split into PARTS bf16 parts, smallest first), b bf16."""
     if MODE == 3:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
-        a_hi, a_mid, a_lo = _split3(a, TRUNC)
+        a_hi, a_mid, a_lo = _split(a, PARTS, TRUNC)
         if PARTS == 3:
             acc = tl.dot(a_lo, b, acc)
         acc = tl.dot(a_mid, b, acc)
@@ -129,7 +159,7 @@ def _mm_f32b(a, b, acc, MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.const
     if MODE == 3:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
-        b_hi, b_mid, b_lo = _split3(b, TRUNC)
+        b_hi, b_mid, b_lo = _split(b, PARTS, TRUNC)
         if PARTS == 3:
             acc = tl.dot(a, b_lo, acc)
         acc = tl.dot(a, b_mid, acc)
@@ -230,8 +260,8 @@ def _lightning_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl
                       qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
                       s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, n_items,
                       D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
-                      MODE: tl.constexpr, PARTS: tl.constexpr, TILE: tl.constexpr, TQ: tl.constexpr,
-                      ITEMS: tl.constexpr, TRUNC: tl.constexpr):
+                      MODE: tl.constexpr, PQS: tl.constexpr, PPV: tl.constexpr, PKV: tl.constexpr,
+                      TILE: tl.constexpr, TQ: tl.constexpr, ITEMS: tl.constexpr, TRUNC: tl.constexpr):
     """Work items (sequence, head, V-block) item = pid + j·grid, j = 0, 1, ...: the grid may be
     smaller than the item count, so that items the tile kernel took (a decode batch: all of
     them) cost a few vector loads instead of a launched program each. ITEMS of a program's
@@ -261,7 +291,7 @@ def _lightning_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qsl
                                                                         H, NV, C, HAS_STATE)
                     _full_item(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr,
                                intra_ptr, wdec_ptr, s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start,
-                               ctx, pend, used, D, C, BV, HAS_STATE, MODE, PARTS, TRUNC)
+                               ctx, pend, used, D, C, BV, HAS_STATE, MODE, PQS, PPV, PKV, TRUNC)
 
 
 @triton.jit
@@ -291,7 +321,7 @@ def _load_state(s_base, s_off, ctx, D: tl.constexpr, BV: tl.constexpr, HAS_STATE
 def _full_item(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
                s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start, ctx, pend, used,
                D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
-               MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.constexpr):
+               MODE: tl.constexpr, PQS: tl.constexpr, PPV: tl.constexpr, PKV: tl.constexpr, TRUNC: tl.constexpr):
     """One (sequence, head, V-block): its windows in order, S[:, V-block] in registers."""
     n_win = tl.cdiv(used, C)
     n_full = used // C
@@ -311,13 +341,13 @@ def _full_item(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, 
                                         s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, D, HAS_STATE)
     for w in range(0, n_win):
         scores = _qk(q, k, MODE) * intra
-        inter = _mm_f32b(q, S, tl.zeros((C, BV), dtype=tl.float32), MODE, PARTS, TRUNC)
-        out = _mm_f32a(scores, v, inter * q_decay[:, None], MODE, PARTS, TRUNC)
+        inter = _mm_f32b(q, S, tl.zeros((C, BV), dtype=tl.float32), MODE, PQS, TRUNC)
+        out = _mm_f32a(scores, v, inter * q_decay[:, None], MODE, PPV, TRUNC)
         tl.store(o_ptr + (tok[:, None] * H + h) * D + vi[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=is_new[:, None])
         if w < n_full:
             v_dec = v.to(tl.float32) * k_decay[:, None]
-            S = _mm_f32b(tl.trans(k), v_dec, S * w_decay, MODE, PARTS, TRUNC)
+            S = _mm_f32b(tl.trans(k), v_dec, S * w_decay, MODE, PKV, TRUNC)
         p = (w + 1) * C + ci
         is_new = p < used
         tok = tl.where(is_new, start + p - pend, 0).to(tl.int64)
@@ -334,8 +364,9 @@ def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr
                            qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
                            s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H,
                            D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, TQ: tl.constexpr,
-                           HAS_STATE: tl.constexpr, MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.constexpr,
-                           TILE_STORE: tl.constexpr, SKIP: tl.constexpr, LOG_TILES: tl.constexpr):
+                           HAS_STATE: tl.constexpr, MODE: tl.constexpr, PQS: tl.constexpr, PPV: tl.constexpr,
+                           PKV: tl.constexpr, TRUNC: tl.constexpr, TILE_STORE: tl.constexpr, SKIP: tl.constexpr,
+                           LOG_TILES: tl.constexpr):
     """Sequences whose new tokens lie in one TQ-row tile of one window (decode steps, short
     chunks): only that tile's rows, from the window's k/v (pending + new) and S, with the full
     window's products restricted to TQ rows (`_tile_rows`). SKIP: only the window's first NR rows, NR
@@ -351,19 +382,19 @@ def _lightning_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr
                 if (rows <= (TQ << i)) & ((i == 0) | (rows > (TQ << i) // 2)):
                     _tile_rows(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr, intra_ptr,
                                wdec_ptr, s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start, ctx, pend, used,
-                               D, C, BV, TQ, TQ << i, HAS_STATE, MODE, PARTS, TRUNC, TILE_STORE)
+                               D, C, BV, TQ, TQ << i, HAS_STATE, MODE, PQS, PPV, PKV, TRUNC, TILE_STORE)
         else:
             _tile_rows(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr, intra_ptr,
                        wdec_ptr, s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start, ctx, pend, used,
-                       D, C, BV, TQ, C, HAS_STATE, MODE, PARTS, TRUNC, TILE_STORE)
+                       D, C, BV, TQ, C, HAS_STATE, MODE, PQS, PPV, PKV, TRUNC, TILE_STORE)
 
 
 @triton.jit
 def _tile_rows(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, kdec_ptr, intra_ptr, wdec_ptr,
                s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, H, seq, h, vb, start, ctx, pend, used,
                D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, TQ: tl.constexpr, NR: tl.constexpr,
-               HAS_STATE: tl.constexpr, MODE: tl.constexpr, PARTS: tl.constexpr, TRUNC: tl.constexpr,
-               TILE_STORE: tl.constexpr):
+               HAS_STATE: tl.constexpr, MODE: tl.constexpr, PQS: tl.constexpr, PPV: tl.constexpr, PKV: tl.constexpr,
+               TRUNC: tl.constexpr, TILE_STORE: tl.constexpr):
     """A tile-kernel item over the window's first NR rows (the query tile the last of them).
     The new rows' pending k/v are loaded and stored over the TQ rows of the query tile
     (TILE_STORE; else over the NR rows). Operands are loaded where they are used, and reloaded
@@ -386,9 +417,9 @@ def _tile_rows(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, 
     k = _window_rows(k_ptr, tok, s_kn, s_kh, h, di, is_new, p_base, k_off, is_pend, q.dtype, HAS_STATE)
     scores = _qk(q, k, MODE) * tl.load(intra_ptr + h * C * C + ti[:, None] * C + ci[None, :])
     S = _load_state(s_base, s_off, ctx, D, BV, HAS_STATE)
-    inter = _mm_f32b(q, S, tl.zeros((TQ, BV), dtype=tl.float32), MODE, PARTS, TRUNC)
+    inter = _mm_f32b(q, S, tl.zeros((TQ, BV), dtype=tl.float32), MODE, PQS, TRUNC)
     v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
-    out = _mm_f32a(scores, v, inter * tl.load(qdec_ptr + h * C + ti)[:, None], MODE, PARTS, TRUNC)
+    out = _mm_f32a(scores, v, inter * tl.load(qdec_ptr + h * C + ti)[:, None], MODE, PPV, TRUNC)
     tl.store(o_ptr + (q_tok[:, None] * H + h) * D + vi[None, :], out.to(o_ptr.dtype.element_ty),
              mask=q_new[:, None])
     if HAS_STATE:
@@ -397,7 +428,7 @@ def _tile_rows(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, pend_ptr, sidx_ptr, qdec_ptr, 
             v = _window_rows(v_ptr, tok, s_vn, s_vh, h, vi, is_new, p_base, v_off, is_pend, q.dtype, HAS_STATE)
             S = tl.load(s_base + s_off, mask=(s_off * 0 + ctx) > 0, other=0.0)
             v_dec = v.to(tl.float32) * tl.load(kdec_ptr + h * C + ci)[:, None]
-            S = _mm_f32b(tl.trans(k), v_dec, S * tl.load(wdec_ptr + h), MODE, PARTS, TRUNC)
+            S = _mm_f32b(tl.trans(k), v_dec, S * tl.load(wdec_ptr + h), MODE, PKV, TRUNC)
             tl.store(s_base + s_off, S)
         else:
             if ctx == 0:    # a fresh slot starts from zero whatever it held
@@ -517,6 +548,7 @@ def _lightning_fast(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
         sidx = batch.query_start_loc
     bv = min(BLOCK_V, d)
     mode = MODE_IEEE if q.dtype == torch.float32 else MODE_BF16
+    trunc = int(bool(TRUNC_SPLIT)) + 2 * int(bool(TRUNC_SPLIT2))
     tq, tbv = Q_TILE, min(TILE_BV, d)
     # the tile kernel where it saves work (C > tq) and the full window's products run on
     # wgmma (C a multiple of 64; checked equal to the tile's mma.sync on the H200); fp32
@@ -527,16 +559,17 @@ def _lightning_fast(q, k, v, log_decay, batch: BatchMeta, state, chunk_size):
             v.stride(0), v.stride(1), h)
     if tile:
         _lightning_tile_kernel[(batch.num_seqs * h * (d // tbv),)](
-            *args, D=d, C=chunk_size, BV=tbv, TQ=tq, HAS_STATE=has_state, MODE=mode, PARTS=SPLIT_PARTS,
-            TRUNC=TRUNC_SPLIT, TILE_STORE=TILE_STORE, SKIP=TILE_SKIP, LOG_TILES=(chunk_size // tq).bit_length() - 1,
+            *args, D=d, C=chunk_size, BV=tbv, TQ=tq, HAS_STATE=has_state, MODE=mode, PQS=PARTS_QS, PPV=PARTS_PV,
+            PKV=PARTS_KV, TRUNC=trunc, TILE_STORE=TILE_STORE, SKIP=TILE_SKIP,
+            LOG_TILES=(chunk_size // tq).bit_length() - 1,
             num_warps=TILE_WARPS, num_stages=1, maxnreg=TILE_MAXNREG)
     if tile and batch.max_query_len is not None and batch.max_query_len <= 1:
         return o    # a decode step: every sequence fits one tile, the other two kernels would find no work
     n_items = batch.num_seqs * h * (d // bv)
     grid = n_items if FULL_PROGS_PER_SM <= 0 else max(1, min(n_items, FULL_PROGS_PER_SM * _num_sms(q.device)))
     _lightning_kernel[(grid,)](
-        *args, n_items, D=d, C=chunk_size, BV=bv, HAS_STATE=has_state, MODE=mode, PARTS=SPLIT_PARTS,
-        TILE=tile, TQ=tq, ITEMS=32, TRUNC=TRUNC_SPLIT, num_warps=NUM_WARPS,
+        *args, n_items, D=d, C=chunk_size, BV=bv, HAS_STATE=has_state, MODE=mode, PQS=PARTS_QS, PPV=PARTS_PV,
+        PKV=PARTS_KV, TILE=tile, TQ=tq, ITEMS=32, TRUNC=trunc, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES, maxnreg=MAXNREG)
     if has_state:
         _pending_kernel[(triton.cdiv(batch.num_seqs, 32), h)](
