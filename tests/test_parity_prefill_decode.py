@@ -171,8 +171,9 @@ def test_mixed_batch_prefill_and_decode_in_one_call():
     assert_bits_equal(out, full, "mixed prefill/decode batch")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous-pools", "strided-pools"])
-def test_batched_decode_steps_equal_the_full_forward(strided):
+def test_batched_decode_steps_equal_the_full_forward(strided, dtype):
     """Decode steps of several sequences in one call (each at its own window offset, windows
     completing on different steps, a new sequence joining with a one-token prompt, slots
     holding garbage): every token equals its sequence's full forward, with the state pools
@@ -180,7 +181,7 @@ def test_batched_decode_steps_equal_the_full_forward(strided):
     lengths, joins = [60, 45, 33, 20], [0, 0, 0, 13]        # sequence 3 starts at step 13
     prompts = [17, 5, 1, 1]
     gen = torch.Generator().manual_seed(3)
-    seqs = [tuple(torch.randn(n, 4, 32, generator=gen).bfloat16() for _ in range(3)) for n in lengths]
+    seqs = [tuple(torch.randn(n, 4, 32, generator=gen).to(dtype) for _ in range(3)) for n in lengths]
     ld = -torch.rand(4, generator=gen) * 0.4
     fulls = [K.lightning_attention(q, k, v, ld, BatchMeta.from_lengths([q.shape[0]]), None, 16) for q, k, v in seqs]
     state = _state_pools(6, 4, 32, 16, strided)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.kernels.cpu.rows import NativeBuildError, bmm_rows, library_path, pool_offsets
+from rl.kernels.cpu.native import NativeBuildError, library_path
+from rl.kernels.cpu.rows import bmm_rows, pool_offsets
 from tests.bits import assert_bits_equal
 
 SHAPES = [(3, 5, 7, 9), (4, 16, 32, 16), (2, 16, 128, 128), (5, 1, 64, 130), (3, 9, 33, 17), (2, 2, 32, 64)]

@@ -12,18 +12,21 @@ product is `rows.bmm_rows` (each element one sum in increasing k, whatever the s
 a window's full C rows: q·kᵀ [., D] x [D, C], scores·v [., C] x [C, D], (q λ^{j+1})·S
 [., D] x [D, D], and the window's state update [D, C] x [C, D]. The general path computes
 query tiles of Q_TILE rows of a window (only the tiles that hold new tokens, only full
-windows' state updates); a decode step computes the token's own row, reading S and the
-pending k/v in place in the pools. So a token's bits are the same from a full forward,
-prefill + decode, chunked prefill at any split, or a recompute (tests/test_parity_prefill_decode.py).
+windows' state updates); a decode step computes the token's own row, all of it in one C call
+(csrc/lightning_decode.c) that reads and updates S and the pending k/v in place in the pools.
+So a token's bits are the same from a full forward, prefill + decode, chunked prefill at any
+split, or a recompute (tests/test_parity_prefill_decode.py).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
 
 from rl.kernels.batch import BatchMeta
-from rl.kernels.cpu.rows import bmm_rows, pool_offsets
+from rl.kernels.cpu.native import library
+from rl.kernels.cpu.rows import bmm_rows
 
 Q_TILE = 16      # query rows per product (a window's C rows are C / Q_TILE tiles)
 
@@ -49,48 +52,39 @@ def _tables(log_decay_values: tuple[float, ...], chunk: int):
     return decay_tables(torch.tensor(log_decay_values, dtype=torch.float32), chunk)
 
 
-def _decode_indices(batch: BatchMeta, c: int):
-    """What `_decode_step` derives from the split alone, the same for every lightning layer
-    of a call: per sequence the token's window offset j, the sequences starting fresh (no
-    context), the sequences whose window the token completes."""
-    ctx = batch.context_lens
-    j = ctx % c
-    fresh = (ctx == 0).nonzero()[:, 0]
-    full = (j == c - 1).nonzero()[:, 0]
-    return j, fresh, full
+@functools.lru_cache(maxsize=1)
+def _fused_decode():
+    fn = library().lightning_decode
+    fn.restype = None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = ([i64] * 4 + [ptr, i64, i64] * 3 + [ptr, i64, i64, i64] * 2 + [ptr] * 6
+                   + [ctypes.c_float, ctypes.c_int, ptr])
+    return fn
+
+
+def _fused_decode_fits(q, k, v, state) -> bool:
+    """The dtypes and layouts the C decode step takes (else the general path runs)."""
+    return (q.dtype in (torch.bfloat16, torch.float32) and k.dtype == v.dtype == q.dtype
+            and all(t.dtype == torch.float32 and t.dim() == 4 and t.stride(-1) == 1 for t in state))
 
 
 def _decode_step(q, k, v, log_decay, batch: BatchMeta, state, c: int) -> torch.Tensor:
-    """One new token per sequence, with a state: the general path's arithmetic for this case
-    on the token's own query row only (`bmm_rows`: a row's bits do not depend on the rows
-    beside it), its operands read in place in the pools. The new k/v go into the pool first."""
+    """One new token per sequence, with a state: the general path's arithmetic for this case on
+    the token's own query row only, in one C call (csrc/lightning_decode.c: the same products,
+    each element the sum `bmm_rows` defines, and the same element-wise steps), reading and
+    updating S and the pending k/v in place in the pools."""
     n, h, d = q.shape
     s_pool, pend_pool = state
-    slots = batch.state_indices
-    j, fresh, full = batch.derived(("lightning_decode", c), lambda: _decode_indices(batch, c))
-    if fresh.numel():                    # the slot holds whatever its previous owner left
-        s_pool[slots[fresh]] = 0.0
-        pend_pool[slots[fresh]] = 0.0
-    pend_pool[slots, :, j] = torch.cat([k, v], -1).float()    # [B, H, 2D]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     q_decay, k_decay, intra_mask, window_decay = _tables(tuple(log_decay.tolist()), c)
-    qs = q.float() * (d ** -0.5)                               # [N, H, D]
-    # each (sequence, head)'s pending k/v [C, 2D] and S [D, D], read in place in the pools
-    pend_at = batch.derived(("lightning_pool", "pending", pend_pool.stride()), lambda: pool_offsets(pend_pool, slots))
-    s_at = batch.derived(("lightning_pool", "S", s_pool.stride()), lambda: pool_offsets(s_pool, slots))
-    scores = bmm_rows(qs.view(n * h, 1, d), pend_pool[0, 0, :, :d].t(), pend_at).view(n, h, c)
-    scores = scores * intra_mask[:, j].transpose(0, 1)         # the token's row of the window mask
-    intra = bmm_rows(scores.view(n * h, 1, c), pend_pool[0, 0, :, d:], pend_at)
-    qd = qs * q_decay[:, j].t()[..., None]                     # times λ^{j+1}
-    inter = bmm_rows(qd.view(n * h, 1, d), s_pool[0, 0], s_at)
-    out = (inter + intra).view(n, h, d)
-    if full.numel():
-        done = slots[full]
-        window = pend_pool[done]                               # [F, H, C, 2D]
-        kf = window[..., :d] * k_decay[None, :, :, None]
-        kv = bmm_rows(kf.transpose(-1, -2).reshape(-1, d, c), window[..., d:].reshape(-1, c, d)).view(-1, h, d, d)
-        s_pool[done] = window_decay[None, :, None, None] * s_pool[done] + kv
-        pend_pool[done] = 0.0
-    return out.to(q.dtype)
+    slots, ctx = batch.state_indices.contiguous(), batch.context_lens.contiguous()
+    out = torch.empty((n, h, d), dtype=q.dtype)
+    _fused_decode()(n, h, d, c, q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+                    v.data_ptr(), v.stride(0), v.stride(1), s_pool.data_ptr(), *s_pool.stride()[:3],
+                    pend_pool.data_ptr(), *pend_pool.stride()[:3], slots.data_ptr(), ctx.data_ptr(),
+                    q_decay.data_ptr(), k_decay.data_ptr(), intra_mask.data_ptr(), window_decay.data_ptr(),
+                    d ** -0.5, int(q.dtype == torch.float32), out.data_ptr())
+    return out
 
 
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
@@ -108,7 +102,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     dev = q.device
     num_seqs = batch.num_seqs
     q_lens, ctx = batch.query_lens, batch.context_lens
-    if state is not None and n == num_seqs and batch.is_decode():
+    if state is not None and n == num_seqs and _fused_decode_fits(q, k, v, state) and batch.is_decode():
         return _decode_step(q, k, v, log_decay, batch, state, c)
     pend_lens = ctx % c
     seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=dev), q_lens)

@@ -10,82 +10,24 @@ bits). With `bmm_rows` a decode step computes only its live rows; operands are r
 their strides (transposed and expanded views cost no copy), b's matrices optionally found by
 offset from a pool (`b_offsets`, `pool_offsets`), and b may be bf16 (widened exactly on the fly).
 
-The C source is compiled once per machine with the system C compiler (`cc`, override with
-$CC) into rl/kernels/cpu/_build (or ~/.cache/lockstep when the package is read-only), keyed by
-the source and flags; processes racing to build it each write their own file and rename it into
-place. Gradients (the trainer) are plain `torch.bmm` products: correct, not bit-identical
-(DESIGN.md §2, contract 6).
+The C source (csrc/rows.c) is built by `native.library()`. Gradients (the trainer) are plain
+`torch.bmm` products: correct, not bit-identical (DESIGN.md §2, contract 6).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "rows.c"
-# no -ffast-math: it would let the compiler reorder the sums; -ffp-contract=off: no FMA
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-std=c11", "-shared", "-fPIC")
+from rl.kernels.cpu.native import library
+
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-
-
-class NativeBuildError(RuntimeError):
-    """The C kernels could not be compiled or loaded."""
-
-
-def _build_dirs() -> list[Path]:
-    env = os.environ.get("LOCKSTEP_BUILD_DIR")
-    dirs = [Path(env)] if env else []
-    return dirs + [Path(__file__).with_name("_build"), Path.home() / ".cache" / "lockstep"]
-
-
-def _compiler() -> str:
-    wanted = os.environ.get("CC")
-    cc = shutil.which(wanted) if wanted else (shutil.which("cc") or shutil.which("gcc"))
-    if not cc:
-        raise NativeBuildError(f"lockstep's CPU kernels need a C compiler to build {SOURCE}: "
-                               + (f"$CC={wanted!r} was not found" if wanted
-                                  else "install gcc (or set $CC); neither 'cc' nor 'gcc' is on PATH"))
-    return cc
-
-
-def library_path() -> Path:
-    """Build (if needed) and return the shared library's path."""
-    cc = _compiler()
-    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join((cc,) + FLAGS).encode()).hexdigest()[:16]
-    name = f"rows-{key}.so"
-    errors = []
-    for directory in _build_dirs():
-        target = directory / name
-        if target.exists():
-            return target
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=name + ".", dir=directory)
-            os.close(fd)
-        except OSError as err:
-            errors.append(f"{directory}: {err}")
-            continue
-        result = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if result.returncode != 0:
-            os.unlink(tmp)
-            raise NativeBuildError(f"compiling {SOURCE} with {cc} failed (exit {result.returncode}):\n"
-                                   f"{result.stderr.strip()}")
-        os.replace(tmp, target)
-        return target
-    raise NativeBuildError(f"no writable build directory for {SOURCE}: " + "; ".join(errors))
 
 
 @functools.lru_cache(maxsize=1)
 def _kernel():
-    lib = ctypes.CDLL(str(library_path()))
-    fn = lib.bmm_rows
+    fn = library().bmm_rows
     fn.restype = None
     fn.argtypes = [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR,
                    ctypes.c_int, _PTR]

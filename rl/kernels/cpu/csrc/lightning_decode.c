@@ -1,0 +1,112 @@
+/* One lightning-attention decode step for a batch, in one call (see rl/kernels/cpu/lightning.py,
+   `_decode_step`, and rows.c for the arithmetic rules this follows).
+
+   Per (sequence b, head h), with slot = slots[b] and j = ctx[b] % C the token's window offset:
+     fresh sequence (ctx 0): S and the pending rows of the slot are zeroed first;
+     pending[j] = (k, v) widened to fp32;
+     qs[x]     = q[x] * scale                                   (fp32 multiply)
+     scores[s] = sum_x qs[x] * pending_k[s, x]   s = 0 .. C-1   (in increasing x)
+     scores[s] = scores[s] * intra[h, j, s]
+     intra[e]  = sum_s scores[s] * pending_v[s, e]              (in increasing s)
+     qd[x]     = qs[x] * q_decay[h, j]
+     inter[e]  = sum_x qd[x] * S[x, e]                          (in increasing x)
+     out[e]    = bf16(inter[e] + intra[e])                      (round to nearest even)
+     window complete (j == C-1): S[x, e] = window_decay[h] * S[x, e]
+                                 + sum_s (pending_k[s, x] * k_decay[h, s]) * pending_v[s, e]
+                                 (in increasing s), then the pending rows are zeroed.
+   Every product is rounded to fp32 and added to a sum that starts at +0 (no FMA: built with
+   -ffp-contract=off), which is `bmm_rows`' definition: the general (prefill) path, which runs
+   these same products through `bmm_rows` over whole query tiles, gets the same bits.
+   q, k, v and out are bfloat16, or float32 when fp32_io is set (then out[e] = inter + intra).
+   Slots must be distinct within a call. Innermost strides are 1; others are in elements. */
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_in(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float load(const void *p, int64_t at, int fp32) {
+    return fp32 ? ((const float *)p)[at] : bf16_in(((const uint16_t *)p)[at]);
+}
+
+static inline uint16_t bf16_out(float f) {           /* torch's float -> bfloat16 */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((u + (((u >> 16) & 1) + 0x7FFF)) >> 16);
+}
+
+void lightning_decode(int64_t n, int64_t H, int64_t D, int64_t C,
+                      const void *q, int64_t sq0, int64_t sq1,
+                      const void *k, int64_t sk0, int64_t sk1,
+                      const void *v, int64_t sv0, int64_t sv1,
+                      float *s_pool, int64_t ss0, int64_t ss1, int64_t ss2,
+                      float *pend, int64_t sp0, int64_t sp1, int64_t sp2,
+                      const int64_t *slots, const int64_t *ctx,
+                      const float *q_decay, const float *k_decay, const float *intra_mask,
+                      const float *window_decay, float scale, int fp32_io, void *out)
+{
+    float qs[D], qd[D], scores[C], acc[D], acc2[D];
+    for (int64_t b = 0; b < n; b++) {
+        int64_t j = ctx[b] % C;
+        for (int64_t h = 0; h < H; h++) {
+            float *S = s_pool + slots[b] * ss0 + h * ss1;
+            float *P = pend + slots[b] * sp0 + h * sp1;
+            if (ctx[b] == 0) {
+                for (int64_t x = 0; x < D; x++) memset(S + x * ss2, 0, (size_t)D * sizeof(float));
+                for (int64_t s = 0; s < C; s++) memset(P + s * sp2, 0, (size_t)(2 * D) * sizeof(float));
+            }
+            int64_t qo = b * sq0 + h * sq1, ko = b * sk0 + h * sk1, vo = b * sv0 + h * sv1;
+            float *row = P + j * sp2;
+            for (int64_t x = 0; x < D; x++) {
+                row[x] = load(k, ko + x, fp32_io);
+                row[D + x] = load(v, vo + x, fp32_io);
+            }
+            float qdec = q_decay[h * C + j];
+            for (int64_t x = 0; x < D; x++) {
+                qs[x] = load(q, qo + x, fp32_io) * scale;
+                qd[x] = qs[x] * qdec;
+            }
+            for (int64_t s = 0; s < C; s++) scores[s] = 0.0f;
+            for (int64_t x = 0; x < D; x++) {
+                float a = qs[x];
+                for (int64_t s = 0; s < C; s++) scores[s] = scores[s] + a * P[s * sp2 + x];
+            }
+            const float *mask = intra_mask + (h * C + j) * C;
+            for (int64_t s = 0; s < C; s++) scores[s] = scores[s] * mask[s];
+            for (int64_t e = 0; e < D; e++) { acc[e] = 0.0f; acc2[e] = 0.0f; }
+            for (int64_t s = 0; s < C; s++) {
+                float a = scores[s];
+                const float *vs = P + s * sp2 + D;
+                for (int64_t e = 0; e < D; e++) acc[e] = acc[e] + a * vs[e];
+            }
+            for (int64_t x = 0; x < D; x++) {
+                float a = qd[x];
+                const float *sx = S + x * ss2;
+                for (int64_t e = 0; e < D; e++) acc2[e] = acc2[e] + a * sx[e];
+            }
+            int64_t oo = (b * H + h) * D;
+            if (fp32_io) for (int64_t e = 0; e < D; e++) ((float *)out)[oo + e] = acc2[e] + acc[e];
+            else for (int64_t e = 0; e < D; e++) ((uint16_t *)out)[oo + e] = bf16_out(acc2[e] + acc[e]);
+            if (j == C - 1) {
+                float wd = window_decay[h];
+                const float *kd = k_decay + h * C;
+                for (int64_t x = 0; x < D; x++) {
+                    for (int64_t e = 0; e < D; e++) acc[e] = 0.0f;
+                    for (int64_t s = 0; s < C; s++) {
+                        float a = P[s * sp2 + x] * kd[s];
+                        const float *vs = P + s * sp2 + D;
+                        for (int64_t e = 0; e < D; e++) acc[e] = acc[e] + a * vs[e];
+                    }
+                    float *sx = S + x * ss2;
+                    for (int64_t e = 0; e < D; e++) sx[e] = wd * sx[e] + acc[e];
+                }
+                for (int64_t s = 0; s < C; s++) memset(P + s * sp2, 0, (size_t)(2 * D) * sizeof(float));
+            }
+        }
+    }
+}
