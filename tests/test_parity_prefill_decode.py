@@ -86,16 +86,17 @@ def test_attention_full_equals_paged_split(block_size, splits):
     assert_bits_equal(_attention_split(q, k, v, splits, block_size), full, f"attention bs={block_size}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("block_size", [16, 64, 128])
-def test_attention_batched_decode_of_mixed_lengths(block_size):
+def test_attention_batched_decode_of_mixed_lengths(block_size, dtype):
     """Sequences of different lengths decoded together from NaN-filled pages (the keys and
     values past each one's length are masked per sequence): every row == its full forward."""
     lengths, prompt = [150, 70, 5], [100, 64, 1]
     gen = torch.Generator().manual_seed(block_size)
-    data = [tuple(torch.randn(t, h, 32, generator=gen).bfloat16() for h in (4, 2, 2)) for t in lengths]
+    data = [tuple(torch.randn(t, h, 32, generator=gen).to(dtype) for h in (4, 2, 2)) for t in lengths]
     fulls = [K.softmax_attention(q, k, v, BatchMeta.from_lengths([q.shape[0]])) for q, k, v in data]
     pages = [-(-t // block_size) for t in lengths]
-    cache = torch.full((sum(pages) + 5, 2, block_size, 64), float("nan"), dtype=torch.bfloat16)
+    cache = torch.full((sum(pages) + 5, 2, block_size, 64), float("nan"), dtype=dtype)
     order = torch.randperm(cache.shape[0], generator=gen)
     tables, at = torch.zeros((3, max(pages)), dtype=torch.int32), 0
     for i, n in enumerate(pages):

@@ -23,7 +23,7 @@ from rl.kernels.cpu import amx
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]          # rl/
 SOURCE_DIRS = ("kernels", "model")
-SOURCE_SUFFIXES = (".py", ".c")
+SOURCE_SUFFIXES = (".py", ".c", ".h")
 MUST_MATCH = ("code", "torch", "triton")
 
 

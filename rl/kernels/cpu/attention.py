@@ -6,7 +6,8 @@ starting at position 0, whatever the call shape:
      element one sum in increasing d, whatever the shapes); a tile holds the query rows of one
      sequence and KV head in (position, head-in-group) order;
   2. the row max over all visible keys (a max is exact in any order);
-  3. p = exp(s - max), zero where masked; row sum accumulated block by block, in order;
+  3. p = exp(s - max), zero where masked; each block's row sum from +0 in position order
+     (`_sums_in_order`), accumulated block by block, in order;
   4. o = Σ_blocks p_b @ v_b, accumulated block by block, in order; o / sum.
 Masked keys contribute exactly +0.0, so a row's bits do not depend on how many padded rows or
 blocks share the call: a decode row equals the same row inside a full prefill, chunked prefill
@@ -14,19 +15,24 @@ at any split, or a recompute after preemption. K/V are written to the cache (in 
 dtype) before attention reads them; without a cache (the trainer), K/V are used as given,
 which is the same values because the cache dtype is the model dtype. Decode steps over pages
 of whole key blocks (vLLM's) take `_decode_paged`: the same per-block arithmetic on the step's
-query rows only and each sequence's own blocks only, read in place in the cache, summed as here.
+query rows only and each sequence's own blocks only, read in place in the cache, summed as here,
+in two C calls (csrc/attention_decode.c) around ATen's exp.
 """
 from __future__ import annotations
+
+import ctypes
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from rl.kernels.batch import BatchMeta
-from rl.kernels.cpu.matmul import row_sum
+from rl.kernels.cpu.native import library
 from rl.kernels.cpu.rows import bmm_rows
 
 TILE_Q = 16
-BLOCK_K = 64
+BLOCK_K = 64          # csrc/attention_decode.c's BK
+_C_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _ceil_to(x: int, m: int) -> int:
@@ -113,11 +119,10 @@ def _key_blocks(kv: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Te
 def _paged_decode_indices(batch: BatchMeta, hkv: int, block_size: int, d2: int):
     """What `_decode_paged` derives from the split and the block table alone, the same for
     every softmax layer of a call (same KV heads, page size and head size): the number of key
-    blocks of the longest sequence; the (sequence, block) pairs a step reads, in that order; per
-    (pair, KV head) the element offset of its BLOCK_K-position run in the cache and its number of
-    positions before the sequence's end [P*Hkv]; the keys each pair's query sees [P, 1, 1, BLOCK_K]."""
+    blocks of the longest sequence; per sequence its first (sequence, block) pair [B+1]; per
+    (pair, KV head) the element offset of its BLOCK_K-position run in the cache [P*Hkv]."""
     dev = batch.context_lens.device
-    seq_lens, ctx = batch.seq_lens, batch.context_lens
+    seq_lens = batch.seq_lens
     have = (seq_lens + BLOCK_K - 1) // BLOCK_K                 # key blocks per sequence
     n_blocks = int(have.max())
     seq_of, blk_of = (torch.arange(n_blocks, device=dev)[None, :] < have[:, None]).nonzero(as_tuple=True)
@@ -125,52 +130,52 @@ def _paged_decode_indices(batch: BatchMeta, hkv: int, block_size: int, d2: int):
     page = batch.block_table[seq_of, start // block_size].long()
     heads = torch.arange(hkv, device=dev)
     runs = (page[:, None] * hkv + heads[None, :]) * (block_size // BLOCK_K) + (start % block_size // BLOCK_K)[:, None]
-    rows = torch.clamp(seq_lens[seq_of] - start, max=BLOCK_K)[:, None].expand(-1, hkv)
-    key_pos = start[:, None] + torch.arange(BLOCK_K, device=dev)[None, :]       # [P, BLOCK_K]
-    visible = (key_pos <= ctx[seq_of][:, None]).view(-1, 1, 1, BLOCK_K)         # key pos <= the token's
-    return n_blocks, seq_of, blk_of, (runs * (BLOCK_K * d2)).reshape(-1), rows.reshape(-1), visible
+    pair_start = torch.cat([have.new_zeros(1), have.cumsum(0)])
+    return n_blocks, pair_start, (runs * (BLOCK_K * d2)).reshape(-1).contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def _decode_kernels():
+    lib = library()
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    scores, combine = lib.attn_decode_scores, lib.attn_decode_combine
+    scores.restype = combine.restype = None
+    scores.argtypes = [i64] * 5 + [ptr, i64, i64, i32, ptr, i32, ptr, ptr, ptr, ctypes.c_float, ptr]
+    combine.argtypes = [i64] * 5 + [ptr, ptr, i32, ptr, ptr, ptr, i32, ptr]
+    return scores, combine
 
 
 def _decode_paged(q: torch.Tensor, batch: BatchMeta, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """Decode rows (one new token per sequence, its K/V already in the cache) with the general
-    path's arithmetic, computed only on the query rows of the step and the key blocks a sequence
-    has: a sequence of L tokens reads ceil(L / BLOCK_K) blocks, in place in the cache (bf16,
-    widened exactly inside `bmm_rows`; values past the sequence's end read as +0.0, as the
-    general path zeroes them). Per (sequence, KV head, block) the same operands reach the same
-    per-element products, masks and exp; the per-block sums and PV products are then laid out
-    as the general path has them, with the exact +0.0 its blocks past a sequence's end
-    contribute, and summed block by block in the same order: the same bits."""
+    path's arithmetic, computed only on the step's query rows and each sequence's own key
+    blocks, read in place in the cache, in two C calls (csrc/attention_decode.c) around ATen's
+    exp: scores minus the row max, p = exp, then the block sums and PV products summed block
+    by block in the general path's order (with the +0.0 of the blocks a sequence lacks)."""
     n, hq, d = q.shape
     _, hkv, block_size, d2 = kv_cache.shape
     group = hq // hkv
-    dev = q.device
-    n_blocks, seq_of, blk_of, run_at, run_rows, visible = batch.derived(
+    n_blocks, pair_start, run_at = batch.derived(
         ("paged_decode", hkv, block_size, d2), lambda: _paged_decode_indices(batch, hkv, block_size, d2))
-    pairs = seq_of.numel()                                     # (sequence, block) pairs, in that order
-    blocks = kv_cache.view(-1, BLOCK_K, d2)[0]                 # one run [BLOCK_K, 2D]; the others by offset
-    q_pairs = q.float().view(n, hkv, group, d)[seq_of].view(pairs * hkv, group, d)
-    scores = bmm_rows(q_pairs, blocks[:, :d].t(), run_at).view(pairs, hkv, group, BLOCK_K)
-    scores = scores * scale
-    scores = torch.where(visible, scores, torch.tensor(float("-inf"), device=dev))
-    pair_max = scores.amax(dim=3)                                                 # [P, Hkv, group]
-    row_max = pair_max.new_full((n, n_blocks, hkv, group), float("-inf"))
-    row_max[seq_of, blk_of] = pair_max
-    row_max = row_max.amax(dim=1)                                                 # exact in any order
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros((), device=dev))
-    p = torch.where(visible, torch.exp(scores - row_max[seq_of][..., None]), torch.zeros((), device=dev))
-    block_sums = row_sum(p)                                                       # [P, Hkv, group]
-    pv = bmm_rows(p.view(pairs * hkv, group, BLOCK_K), blocks[:, d:], run_at, run_rows).view(pairs, hkv, group, d)
-    sums = block_sums.new_zeros((n_blocks, n, hkv, group))
-    sums[blk_of, seq_of] = block_sums
-    outs = pv.new_zeros((n_blocks, n, hkv, group, d))
-    outs[blk_of, seq_of] = pv
-    denom, out = sums[0], outs[0]
-    for blk in range(1, n_blocks):                             # fixed order: block 0, 1, 2...
-        denom = denom + sums[blk]
-        out = out + outs[blk]
-    denom = torch.where(denom > 0, denom, torch.ones((), device=dev))
-    out = out / denom[..., None]
-    return out.reshape(n, hq, d).to(q.dtype)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    ctx, seq_lens = batch.context_lens.contiguous(), batch.seq_lens.contiguous()
+    cache_fp32, io_fp32 = int(kv_cache.dtype == torch.float32), int(q.dtype == torch.float32)
+    scores_fn, combine_fn = _decode_kernels()
+    z = torch.empty((n, hq, n_blocks * BLOCK_K), dtype=torch.float32)
+    scores_fn(n, hkv, group, d, n_blocks, q.data_ptr(), q.stride(0), q.stride(1), io_fp32, kv_cache.data_ptr(),
+              cache_fp32, run_at.data_ptr(), pair_start.data_ptr(), ctx.data_ptr(), scale, z.data_ptr())
+    p = z.exp_()
+    out = torch.empty((n, hq, d), dtype=q.dtype)
+    combine_fn(n, hkv, group, d, n_blocks, p.data_ptr(), kv_cache.data_ptr(), cache_fp32, run_at.data_ptr(),
+               pair_start.data_ptr(), seq_lens.data_ptr(), io_fp32, out.data_ptr())
+    return out
+
+
+def _sums_in_order(p: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dim of fp32 p [..., K] -> [...]: each row summed from +0 in increasing
+    order (`bmm_rows` with a ones column), the sums `_decode_paged` computes."""
+    k = p.shape[-1]
+    ones = torch.ones((1, k, 1), dtype=torch.float32, device=p.device)
+    return bmm_rows(p.reshape(1, -1, k), ones).reshape(p.shape[:-1])
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BatchMeta,
@@ -190,7 +195,8 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     num_seqs = batch.num_seqs
     # one new token per sequence (decode): the rows need no scatter; same operands, same bits
     decode = kv_cache is not None and n == num_seqs and batch.is_decode()
-    if decode and group <= TILE_Q and kv_cache.is_contiguous() and kv_cache.shape[2] % BLOCK_K == 0:
+    if (decode and kv_cache.is_contiguous() and kv_cache.shape[2] % BLOCK_K == 0
+            and q.dtype in _C_DTYPES and kv_cache.dtype in _C_DTYPES):
         write_kv(kv_cache, k, v, batch.slot_mapping)
         return _decode_paged(q, batch, kv_cache, scale)
     len_k = _ceil_to(int(seq_lens.max()), BLOCK_K)
@@ -245,7 +251,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros((), device=q.device))
     p = torch.where(visible, torch.exp(scores - row_max), torch.zeros((), device=q.device))
 
-    block_sums = row_sum(p)                                    # [B, Hkv, tiles, blocks, live]
+    block_sums = _sums_in_order(p)                             # [B, Hkv, tiles, blocks, live]
     pv = bmm_rows(F.pad(p, (0, 0, 0, TILE_Q - live)).reshape(g, TILE_Q, BLOCK_K),
                    v_blocks[:, None].expand(-1, n_tiles, -1, -1, -1).reshape(g, BLOCK_K, d))
     pv = pv.view(num_seqs, hkv, n_tiles, n_blocks, TILE_Q, d)[..., :live, :]

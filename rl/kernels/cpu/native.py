@@ -1,4 +1,4 @@
-"""The cpu backend's C kernels (csrc/*.c): built once per machine, loaded with ctypes.
+"""The cpu backend's C kernels (csrc/*.c, *.h): built once per machine, loaded with ctypes.
 
 The sources are compiled together into one shared library with the system C compiler (`cc`,
 or $CC) into rl/kernels/cpu/_build (or $LOCKSTEP_BUILD_DIR, or ~/.cache/lockstep when the
@@ -19,7 +19,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(sorted((Path(__file__).with_name("csrc")).glob("*.c")))
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(sorted(CSRC.glob("*.c")))
+HEADERS = tuple(sorted(CSRC.glob("*.h")))
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-std=c11", "-shared", "-fPIC")
 
 
@@ -48,7 +50,7 @@ def library_path() -> Path:
     """Build (if needed) and return the shared library's path."""
     cc = _compiler()
     digest = hashlib.sha256("\0".join((cc,) + FLAGS).encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     name = f"lockstep-cpu-{digest.hexdigest()[:16]}.so"
     errors = []

@@ -19,25 +19,10 @@
    these same products through `bmm_rows` over whole query tiles, gets the same bits.
    q, k, v and out are bfloat16, or float32 when fp32_io is set (then out[e] = inter + intra).
    Slots must be distinct within a call. Innermost strides are 1; others are in elements. */
-#include <stdint.h>
-#include <string.h>
-
-static inline float bf16_in(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
+#include "vec.h"
 
 static inline float load(const void *p, int64_t at, int fp32) {
-    return fp32 ? ((const float *)p)[at] : bf16_in(((const uint16_t *)p)[at]);
-}
-
-static inline uint16_t bf16_out(float f) {           /* torch's float -> bfloat16 */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if (f != f) return 0x7FC0;
-    return (uint16_t)((u + (((u >> 16) & 1) + 0x7FFF)) >> 16);
+    return fp32 ? ((const float *)p)[at] : bf16_to_f32(((const uint16_t *)p)[at]);
 }
 
 void lightning_decode(int64_t n, int64_t H, int64_t D, int64_t C,
@@ -91,7 +76,7 @@ void lightning_decode(int64_t n, int64_t H, int64_t D, int64_t C,
             }
             int64_t oo = (b * H + h) * D;
             if (fp32_io) for (int64_t e = 0; e < D; e++) ((float *)out)[oo + e] = acc2[e] + acc[e];
-            else for (int64_t e = 0; e < D; e++) ((uint16_t *)out)[oo + e] = bf16_out(acc2[e] + acc[e]);
+            else for (int64_t e = 0; e < D; e++) ((uint16_t *)out)[oo + e] = f32_to_bf16(acc2[e] + acc[e]);
             if (j == C - 1) {
                 float wd = window_decay[h];
                 const float *kd = k_decay + h * C;

@@ -12,20 +12,9 @@
    +0.0 whatever memory holds there (the products still run: a[i, k] * +0.0 is added, exactly as
    for a b with those rows zeroed). out: contiguous [G, M, N]. b_bf16: b holds bfloat16
    (widened exactly). */
-#include <stdint.h>
-#include <string.h>
+#include "vec.h"
 
-#define W 16    /* columns per vector */
 #define PACK_MAX 16384   /* floats of the per-matrix buffer for a transposed b (64 KB of stack) */
-
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef uint32_t vu32 __attribute__((vector_size(W * sizeof(uint32_t))));
-typedef uint16_t vu16 __attribute__((vector_size(W * sizeof(uint16_t))));
-/* the same vectors at element alignment: plain unaligned vector loads and stores */
-typedef float vf_u __attribute__((vector_size(W * sizeof(float)), aligned(4)));
-typedef uint16_t vu16_u __attribute__((vector_size(W * sizeof(uint16_t)), aligned(2)));
-
-enum { F32_DENSE, F32_STRIDED, BF16_DENSE, BF16_STRIDED };
 
 /* b[k, j0 .. j0 + nb) as a vector, lanes past nb zero; `mode` is a constant at every call */
 static inline __attribute__((always_inline)) vf load_b(const void *b, int64_t at, int64_t sbn, int64_t nb, int mode) {
@@ -75,26 +64,6 @@ BLOCK(8, 1)
 BLOCK(2, 4)
 BLOCK(1, 4)
 BLOCK(1, 1)
-
-/* 16 x 16 transpose in registers (four butterfly stages swapping b x b blocks) */
-static inline __attribute__((always_inline)) void transpose16(vf r[W]) {
-#define STAGE(B, LO, HI)                                                                      \
-    for (int i = 0; i < W; i++)                                                               \
-        if (!(i & B)) {                                                                       \
-            vf x = r[i], y = r[i + B];                                                        \
-            r[i] = __builtin_shuffle(x, y, (vu32)LO);                                         \
-            r[i + B] = __builtin_shuffle(x, y, (vu32)HI);                                     \
-        }
-    STAGE(8, ((vu32){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}),
-             ((vu32){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}))
-    STAGE(4, ((vu32){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}),
-             ((vu32){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}))
-    STAGE(2, ((vu32){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}),
-             ((vu32){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}))
-    STAGE(1, ((vu32){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}),
-             ((vu32){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}))
-#undef STAGE
-}
 
 /* matrix g of a b stored transposed (b[k, j] at j * sbn + k: rows of B = b^T contiguous)
    into dense fp32 dst [K, ldd] (columns past N and rows k >= kvalid zero): the same values */
