@@ -86,20 +86,19 @@ def bench_lockstep(config_path: Path, prompts, new_tokens: int, check_samples: i
 
 
 def _recompute_report(trace: Path, check, model, checkpoint) -> str:
-    """A failing check, looked at again in this process: the trainer recompute repeated with the
-    same model and with a freshly loaded one; all of it saved to trace/failure.pt (samples,
-    both recomputes) so that a fresh process can recompute the same tokens."""
+    """A failing check, looked at again in this process: the comparison repeated with the same
+    model and with a freshly loaded one (a difference between the two points at this process,
+    not at the engine); the samples are saved to trace/failure.pt for a fresh process."""
     from rl.model.checkpoint import load_model
-    from rollout.parity import trainer_logprobs
-    again = trainer_logprobs(model, check.samples, 1.0)
-    fresh = trainer_logprobs(load_model(checkpoint).eval(), check.samples, 1.0)
+    from rollout.parity import mismatches
+    again = mismatches(check, model, 1.0)
+    fresh = mismatches(check, load_model(checkpoint).eval(), 1.0)
     torch.save({"samples": [(s.prompt_index, s.sample_index, s.prompt_ids, s.response_ids, s.response_logprobs)
-                            for s in check.samples],
-                "recompute_again": again, "recompute_fresh_model": fresh, "threads": torch.get_num_threads()},
+                            for s in check.samples], "threads": torch.get_num_threads()},
                Path(trace) / "failure.pt")
-    same = lambda lps: sum(torch.equal(a, s.response_logprobs) for a, s in zip(lps, check.samples))
-    return (f"recomputed in this process: same model again {same(again)}/{len(again)} samples equal the engine, "
-            f"freshly loaded model {same(fresh)}/{len(fresh)}; samples and recomputes saved to {trace}/failure.pt")
+    n = len(check.samples)
+    return (f"compared again in this process: same model {n - len(again)}/{n} samples equal the engine, "
+            f"freshly loaded model {n - len(fresh)}/{n}; samples saved to {trace}/failure.pt")
 
 
 def _replay_report(trace: Path, model) -> str:

@@ -12,10 +12,11 @@ running without AMX on an AMX machine shows up as other hardware.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 
 import torch
+
+from rl.kernels.cpu.libc import libc
 
 ARCH_GET_XCOMP_PERM = 0x1022
 XFEATURE_XTILEDATA = 18
@@ -38,12 +39,12 @@ def permitted() -> bool | None:
     """Whether this process may use AMX tiles now; None where that cannot be asked."""
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
+    lib = libc()
+    if lib is None:
         return None
     mask = ctypes.c_uint64(0)
-    libc.syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p]
-    if libc.syscall(SYS_ARCH_PRCTL, ARCH_GET_XCOMP_PERM, ctypes.byref(mask)) != 0:
+    syscall = lib.syscall
+    syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p]
+    if syscall(SYS_ARCH_PRCTL, ARCH_GET_XCOMP_PERM, ctypes.byref(mask)) != 0:
         return None
     return bool(mask.value >> XFEATURE_XTILEDATA & 1)

@@ -8,8 +8,7 @@ only (no effect on any bit); a no-op where the C library has no mallopt.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+from rl.kernels.cpu.libc import libc
 
 M_TOP_PAD = -2
 TOP_PAD_BYTES = 256 << 20
@@ -17,8 +16,8 @@ TOP_PAD_BYTES = 256 << 20
 
 def keep_heap_top() -> bool:
     """Ask malloc to keep TOP_PAD_BYTES at the heap top; True if the C library accepted it."""
+    lib = libc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_TOP_PAD, TOP_PAD_BYTES))
-    except (OSError, AttributeError):
+        return bool(lib is not None and lib.mallopt(M_TOP_PAD, TOP_PAD_BYTES))
+    except AttributeError:           # a C library without mallopt
         return False
