@@ -2,7 +2,7 @@
 
 The sources are compiled together into one shared library with the system C compiler (`cc`,
 or $CC) into rl/kernels/cpu/_build (or $LOCKSTEP_BUILD_DIR, or ~/.cache/lockstep when the
-package is read-only), named by a hash of the sources, compiler and flags; processes racing to
+package is read-only), named by a hash of the sources, compiler, flags and CPU kind; processes racing to
 build it each write their own file and rename it into place. The flags fix the arithmetic:
 no -ffast-math (the compiler may not reorder a sum) and -ffp-contract=off (no fused
 multiply-add), so each kernel's documented order is what runs, whatever the vector width
@@ -14,6 +14,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -46,10 +47,21 @@ def _compiler() -> str:
     return cc
 
 
+def _cpu_identity() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags (a library built on
+    one machine is never loaded on another kind, e.g. from a copied or shared directory)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in info if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(dict.fromkeys(keep)) or platform.machine()
+
+
 def library_path() -> Path:
     """Build (if needed) and return the shared library's path."""
     cc = _compiler()
-    digest = hashlib.sha256("\0".join((cc,) + FLAGS).encode())
+    digest = hashlib.sha256("\0".join((cc, _cpu_identity()) + FLAGS).encode())
     for source in SOURCES + HEADERS:
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     name = f"lockstep-cpu-{digest.hexdigest()[:16]}.so"
