@@ -204,3 +204,22 @@ def test_batched_decode_steps_equal_the_full_forward(strided, dtype):
         step += 1
     for i, full in enumerate(fulls):
         assert_bits_equal(torch.cat(outs[i]), full, f"batched decode, sequence {i}")
+
+
+def test_decode_kernels_refuse_slots_and_pages_outside_their_pools():
+    """The C decode steps read and write by index without bounds checks of their own: a state
+    slot or a cache page outside the pool is a clear error before any memory is touched."""
+    q, k, v = (torch.randn(2, 4, 32).bfloat16() for _ in range(3))
+    ld = -torch.rand(4) * 0.5
+    state = (torch.zeros(3, 4, 32, 32), torch.zeros(3, 4, 16, 64))
+    batch = BatchMeta.from_lengths([1, 1], [5, 7])
+    batch.state_indices = torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="outside the pools"):
+        K.lightning_attention(q, k, v, ld, batch, state, 16)
+    kq, kk, kv_ = torch.randn(2, 4, 32).bfloat16(), torch.randn(2, 2, 32).bfloat16(), torch.randn(2, 2, 32).bfloat16()
+    cache = torch.zeros(4, 2, 64, 64, dtype=torch.bfloat16)
+    batch = BatchMeta.from_lengths([1, 1], [5, 70])
+    batch.block_table = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)     # page 9: no such page
+    batch.slot_mapping = torch.tensor([5, 3 * 64 + 6])            # the new k/v land on real pages
+    with pytest.raises(ValueError, match="outside the KV cache"):
+        K.softmax_attention(kq, kk, kv_, batch, cache)

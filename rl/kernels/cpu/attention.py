@@ -134,6 +134,15 @@ def _paged_decode_indices(batch: BatchMeta, hkv: int, block_size: int, d2: int):
     return n_blocks, pair_start, (runs * (BLOCK_K * d2)).reshape(-1).contiguous()
 
 
+def _check_runs(run_at: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    """The C kernels read the cache by these offsets without bounds checks: every run must lie
+    inside it (a block table naming a page the cache does not have is an error, not a read)."""
+    low, high = torch.aminmax(run_at)
+    if int(low) < 0 or int(high) + BLOCK_K * kv_cache.shape[-1] > kv_cache.numel():
+        raise ValueError(f"softmax_attention: the block table names pages outside the KV cache "
+                         f"({kv_cache.shape[0]} pages of {kv_cache.shape[2]} positions)")
+
+
 @functools.lru_cache(maxsize=1)
 def _decode_kernels():
     lib = library()
@@ -156,6 +165,7 @@ def _decode_paged(q: torch.Tensor, batch: BatchMeta, kv_cache: torch.Tensor, sca
     group = hq // hkv
     n_blocks, pair_start, run_at = batch.derived(
         ("paged_decode", hkv, block_size, d2), lambda: _paged_decode_indices(batch, hkv, block_size, d2))
+    _check_runs(run_at, kv_cache)
     q = q if q.stride(-1) == 1 else q.contiguous()
     ctx, seq_lens = batch.context_lens.contiguous(), batch.seq_lens.contiguous()
     cache_fp32, io_fp32 = int(kv_cache.dtype == torch.float32), int(q.dtype == torch.float32)

@@ -78,6 +78,10 @@ def _decode_step(q, k, v, log_decay, batch: BatchMeta, state, c: int) -> torch.T
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     q_decay, k_decay, intra_mask, window_decay = _tables(tuple(log_decay.tolist()), c)
     slots, ctx = batch.state_indices.contiguous(), batch.context_lens.contiguous()
+    low, high = torch.aminmax(slots)          # the C call writes the pools without bounds checks
+    if int(low) < 0 or int(high) >= min(s_pool.shape[0], pend_pool.shape[0]):
+        raise ValueError(f"lightning_attention: state slots [{int(low)}, {int(high)}] outside the "
+                         f"pools ({s_pool.shape[0]} slots)")
     out = torch.empty((n, h, d), dtype=q.dtype)
     _fused_decode()(n, h, d, c, q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
                     v.data_ptr(), v.stride(0), v.stride(1), s_pool.data_ptr(), *s_pool.stride()[:3],
