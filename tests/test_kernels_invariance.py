@@ -305,3 +305,28 @@ def test_run_to_run_determinism(tiny_model):
         a = tiny_model.sequence_logprobs(ids, lengths)
         b = tiny_model.sequence_logprobs(ids, lengths)
     assert_bits_equal(a, b, "two runs")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_c_rms_norm_and_rope_are_the_torch_forms_bits(dtype):
+    """Without autograd, RMSNorm (rows shorter than SHORT_ROW) and RoPE run as one C pass each
+    (csrc/norm_rope.c); the trainer keeps the torch forms. The two must give the same bits: every
+    row length below SHORT_ROW, one weight row or one per head, strided inputs, partial rotation."""
+    import importlib
+    norm = importlib.import_module("rl.kernels.cpu.norm")
+    rope = importlib.import_module("rl.kernels.cpu.rope")      # (the package exports a function `rope`)
+    gen = torch.Generator().manual_seed(5)
+    for d in list(range(1, 80)) + [96, 127, 128, 129, 255, 256, 320, norm.SHORT_ROW - 1]:
+        x = (torch.randn(37, 3, d, generator=gen) * 4).to(dtype)
+        for weight in (torch.randn(d, generator=gen).bfloat16(), torch.randn(3, d, generator=gen).bfloat16()):
+            assert norm._c_weight_rows(x, weight)
+            assert_bits_equal(norm.rms_norm(x, weight, 1e-6), norm._rms_norm_torch(x, weight, 1e-6), f"rms_norm D={d}")
+        strided = torch.randn(37, 5, d, generator=gen).to(dtype)[:, 1:4]
+        w = torch.randn(d, generator=gen)
+        assert_bits_equal(norm.rms_norm(strided, w, 1e-5), norm._rms_norm_torch(strided, w, 1e-5), f"strided D={d}")
+    positions = torch.randint(0, 4096, (37,), generator=gen)
+    for d, rotary in [(32, 16), (32, 32), (64, 32), (128, 64), (128, 128)]:
+        x = (torch.randn(37, 6, d, generator=gen) * 3).to(dtype)[:, 1:5]          # strided heads
+        cos, sin = rope.rope_tables(positions, rotary, 10000.0)
+        assert_bits_equal(rope.rope(x, positions, rotary, 10000.0), rope._rope_torch(x, cos, sin, rotary),
+                          f"rope D={d} rotary={rotary}")

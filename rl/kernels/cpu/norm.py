@@ -4,13 +4,19 @@ A row's statistic is its sum of squares, never an ATen reduction (whose order ca
 the whole tensor's shape): for rows shorter than SHORT_ROW, one `bmm` of each row with itself
 ([1, D] x [D, 1] per row; ATen runs products this small as one sequential loop each), else
 `matmul.row_sum` (a fixed-shape product). Either way a row's bits depend only on the row.
+Without autograd (the rollout engine), rows shorter than SHORT_ROW run as one C pass
+(csrc/norm_rope.c) with the same bits as the torch form, which the trainer keeps.
 """
 from __future__ import annotations
+
+import ctypes
+import functools
 
 import torch
 
 from rl.kernels.cpu.elementwise import sigmoid
 from rl.kernels.cpu.matmul import row_sum
+from rl.kernels.cpu.native import library
 
 
 SHORT_ROW = 400     # ATen's bmm computes a product of fewer multiply-adds as a plain loop
@@ -29,9 +35,53 @@ def _normalize(x2d: torch.Tensor, eps: float) -> torch.Tensor:
     return xf * mean_sq.add_(eps).rsqrt_()
 
 
+@functools.lru_cache(maxsize=1)
+def _rows_kernel():
+    fn = library().rms_norm_rows
+    fn.restype = None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [i64, i64, ptr, i64, ptr, i64, ctypes.c_float, ctypes.c_int, ptr]
+    return fn
+
+
+def _c_weight_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """How many weight rows the C form cycles through for x (0: it does not take this call)."""
+    d = x.shape[-1]
+    if (x.dtype not in (torch.bfloat16, torch.float32) or d >= SHORT_ROW or x.dim() < 2
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return 0
+    if weight.shape == (d,):
+        return 1
+    if weight.dim() == 2 and weight.shape[1] == d and x.dim() >= 3 and x.shape[-2] == weight.shape[0]:
+        return weight.shape[0]                       # one row per head, x [..., H, D]
+    return 0
+
+
+def _rms_norm_c(x: torch.Tensor, weight: torch.Tensor, eps: float, wrows: int) -> torch.Tensor:
+    """The torch form's bits in one C pass (csrc/norm_rope.c; tests/test_kernels_invariance.py
+    compares the two at every row length below SHORT_ROW, both dtypes)."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = weight.float().contiguous()
+    y = torch.empty(x2.shape, dtype=x.dtype)
+    _rows_kernel()(x2.shape[0], d, x2.data_ptr(), x2.stride(0), w.data_ptr(), wrows, eps,
+                   int(x.dtype == torch.float32), y.data_ptr())
+    return y.view(x.shape)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D], weight [D] (or any shape broadcast against x's trailing dims, e.g. one row
-    per head [H, D]) -> x.dtype. Per-head q/k norm is x [N, H, D] with weight [D]."""
+    per head [H, D]) -> x.dtype. Per-head q/k norm is x [N, H, D] with weight [D]. Without
+    autograd, rows shorter than SHORT_ROW take the C form (the same bits, one pass)."""
+    wrows = _c_weight_rows(x, weight)
+    if wrows:
+        return _rms_norm_c(x, weight, eps, wrows)
+    return _rms_norm_torch(x, weight, eps)
+
+
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     d = x.shape[-1]
     y = _normalize(x.reshape(-1, d), eps).view(x.shape) * weight      # bf16 weight promotes exactly
     return y.to(x.dtype)

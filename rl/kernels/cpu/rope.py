@@ -5,7 +5,12 @@ last call are kept and reused for equal positions (the same function of the same
 the same bits; a decode step built them 2 x layers times)."""
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
+
+from rl.kernels.cpu.native import library
 
 
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float):
@@ -34,12 +39,33 @@ def _cached_tables(positions: torch.Tensor, rotary_dim: int, theta: float):
     return cos, sin
 
 
+@functools.lru_cache(maxsize=1)
+def _rows_kernel():
+    fn = library().rope_rows
+    fn.restype = None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_int, ptr]
+    return fn
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float) -> torch.Tensor:
     """x [N, H, D], positions [N] -> x.dtype; rotates the first `rotary_dim` dims of each head.
 
-    Elementwise per token, so invariant to batch and to prefill/decode by construction.
-    """
+    Elementwise per token, so invariant to batch and to prefill/decode by construction. Without
+    autograd the rotation runs in one C pass (csrc/norm_rope.c: the same fp32 operations, the
+    same bits; tests/test_kernels_invariance.py compares the two forms)."""
     cos, sin = _cached_tables(positions, rotary_dim, theta)
+    if (x.dtype in (torch.bfloat16, torch.float32) and x.dim() == 3 and x.stride(-1) == 1
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        n, h, d = x.shape
+        y = torch.empty((n, h, d), dtype=x.dtype)
+        _rows_kernel()(n, h, d, rotary_dim, x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(),
+                       int(x.dtype == torch.float32), y.data_ptr())
+        return y
+    return _rope_torch(x, cos, sin, rotary_dim)
+
+
+def _rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     cos, sin = cos[:, None, :], sin[:, None, :]
     half = rotary_dim // 2
     xf = x.float()

@@ -1,0 +1,56 @@
+/* Inference forms of RMSNorm and RoPE (see rl/kernels/cpu/norm.py and rope.py): the torch
+   forms' element-wise arithmetic, one fp32 operation at a time, in one pass per row.
+
+   rms_norm_rows, per row i of x [rows, D] (row stride sx):
+     ss   = sum_k x[k] * x[k]           (products rounded to fp32, summed from +0 in increasing k:
+                                         what ATen's batched product computes for rows this short)
+     r    = 1 / sqrt(ss / D + eps)      (each step one correctly rounded fp32 operation)
+     y[k] = (x[k] * r) * w[i % wrows][k], rounded to the output dtype (bf16: nearest even).
+   rope_rows, per token t and head h of x [N, H, D] (strides sx0, sx1), half = rotary_dim / 2:
+     y[j]        = x[j] * cos[t, j] - x[j + half] * sin[t, j]        j < half
+     y[j + half] = x[j + half] * cos[t, j] + x[j] * sin[t, j]
+     y[j]        = x[j]                                              j >= rotary_dim
+   x and y are bfloat16, or float32 with the flag; w, cos, sin float32; y contiguous. */
+#include <math.h>
+#include "vec.h"
+
+static inline float in(const void *p, int64_t at, int fp32) {
+    return fp32 ? ((const float *)p)[at] : bf16_to_f32(((const uint16_t *)p)[at]);
+}
+
+static inline void out(void *p, int64_t at, float v, int fp32) {
+    if (fp32) ((float *)p)[at] = v;
+    else ((uint16_t *)p)[at] = f32_to_bf16(v);
+}
+
+void rms_norm_rows(int64_t rows, int64_t D, const void *x, int64_t sx, const float *w, int64_t wrows,
+                   float eps, int fp32_io, void *y)
+{
+    float xf[D];
+    for (int64_t i = 0; i < rows; i++) {
+        for (int64_t k = 0; k < D; k++) xf[k] = in(x, i * sx + k, fp32_io);
+        float ss = 0.0f;
+        for (int64_t k = 0; k < D; k++) ss = ss + xf[k] * xf[k];
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        const float *wr = w + (i % wrows) * D;
+        for (int64_t k = 0; k < D; k++) out(y, i * D + k, (xf[k] * r) * wr[k], fp32_io);
+    }
+}
+
+void rope_rows(int64_t N, int64_t H, int64_t D, int64_t rotary_dim, const void *x, int64_t sx0, int64_t sx1,
+               const float *cos_t, const float *sin_t, int fp32_io, void *y)
+{
+    int64_t half = rotary_dim / 2;
+    for (int64_t t = 0; t < N; t++) {
+        const float *c = cos_t + t * half, *s = sin_t + t * half;
+        for (int64_t h = 0; h < H; h++) {
+            int64_t xi = t * sx0 + h * sx1, yi = (t * H + h) * D;
+            for (int64_t j = 0; j < half; j++) {
+                float x1 = in(x, xi + j, fp32_io), x2 = in(x, xi + j + half, fp32_io);
+                out(y, yi + j, x1 * c[j] - x2 * s[j], fp32_io);
+                out(y, yi + j + half, x2 * c[j] + x1 * s[j], fp32_io);
+            }
+            for (int64_t j = rotary_dim; j < D; j++) out(y, yi + j, in(x, xi + j, fp32_io), fp32_io);
+        }
+    }
+}
