@@ -330,3 +330,29 @@ def test_c_rms_norm_and_rope_are_the_torch_forms_bits(dtype):
         cos, sin = rope.rope_tables(positions, rotary, 10000.0)
         assert_bits_equal(rope.rope(x, positions, rotary, 10000.0), rope._rope_torch(x, cos, sin, rotary),
                           f"rope D={d} rotary={rotary}")
+
+
+def test_c_expert_selection_is_the_torch_forms():
+    """Without autograd the router's group-limited top-k runs in C (csrc/route.c); the trainer
+    keeps the torch form (`select_experts`). Same ids and weight bits over expert counts, group
+    settings, tied scores (lower index first) and NaN scores (ordered first, as torch sorts)."""
+    import importlib
+    moe = importlib.import_module("rl.kernels.cpu.moe")
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(240):
+        e = [8, 16, 64, 256][trial % 4]
+        groups = [1, 4, 8][trial % 3] if e >= 16 else [1, 4][trial % 2]
+        keep = max(1, groups // 2)
+        k = min([2, 4, 8][trial % 3], keep * (e // groups))
+        s = torch.sigmoid(torch.randn(33, e, generator=gen))
+        if trial % 5 == 0:
+            s = (s * 8).round() / 8                       # many ties
+        if trial % 7 == 0:
+            s[0, 3] = float("nan")
+        bias = None if trial % 2 == 0 else (torch.zeros(e) if trial % 11 == 0 else torch.randn(e, generator=gen) * 0.1)
+        assert moe._select_in_c(s, bias, k, groups, keep)
+        for norm in (True, False):
+            w_ref, ids_ref = moe.select_experts(s, bias, k, groups, keep, norm, 2.5)
+            w, ids = moe._select_experts_c(s, bias, k, groups, keep, norm, 2.5)
+            assert torch.equal(ids, ids_ref), f"trial {trial}: ids {ids[:2].tolist()} vs {ids_ref[:2].tolist()}"
+            assert_bits_equal(torch.nan_to_num(w, nan=7.0), torch.nan_to_num(w_ref, nan=7.0), f"trial {trial} weights")

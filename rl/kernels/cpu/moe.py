@@ -16,10 +16,14 @@ instead of one or two per expert.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 
 from rl.kernels.cpu.elementwise import sigmoid, silu
 from rl.kernels.cpu.matmul import bf16_tile_rows, current_derived, keep_derived, linear, prepack
+from rl.kernels.cpu.native import library
 
 # the fixed cost of one oneDNN call (~50 us here at tiny decode shapes) in weight bytes read
 # in the same time (~5 GB/s)
@@ -60,12 +64,45 @@ def select_experts(scores: torch.Tensor, expert_bias: torch.Tensor | None, top_k
     return weights * routed_scaling_factor, ids
 
 
+@functools.lru_cache(maxsize=1)
+def _select_kernel():
+    fn = library().select_experts_rows
+    fn.restype = None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [i64, i64, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr]
+    return fn
+
+
+def _select_experts_c(scores, expert_bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor):
+    """`select_experts` in one C pass (csrc/route.c), the same choices and bits (tests compare
+    the two); inference only: the weights carry no gradient."""
+    scores = scores.contiguous()
+    n, e = scores.shape
+    bias = None if expert_bias is None else expert_bias.float().contiguous()
+    ids = torch.empty((n, top_k), dtype=torch.int64)
+    weights = torch.empty((n, top_k), dtype=torch.float32)
+    _select_kernel()(n, e, scores.data_ptr(), None if bias is None else bias.data_ptr(), top_k, n_group,
+                     topk_group, int(norm_topk_prob), routed_scaling_factor, ids.data_ptr(), weights.data_ptr())
+    return weights, ids
+
+
+def _select_in_c(scores, expert_bias, top_k, n_group, topk_group) -> bool:
+    num_experts = scores.shape[-1]
+    return (scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.dim() == 2
+            and not (torch.is_grad_enabled() and scores.requires_grad) and 0 < top_k <= num_experts
+            and (n_group <= 1 or (num_experts % n_group == 0 and num_experts // n_group >= 2
+                                  and 0 < topk_group <= n_group
+                                  and top_k <= topk_group * (num_experts // n_group))))
+
+
 def moe_route(x, gate_weight, expert_bias, top_k, n_group, topk_group, norm_topk_prob,
               routed_scaling_factor):
-    """x [N, Hd], gate_weight [E, Hd] -> (weights fp32 [N, k], ids int64 [N, k], logits fp32 [N, E])."""
+    """x [N, Hd], gate_weight [E, Hd] -> (weights fp32 [N, k], ids int64 [N, k], logits fp32 [N, E]).
+    Without autograd the selection runs in C (`_select_experts_c`, the same bits)."""
     logits = linear(x, gate_weight, out_dtype=torch.float32)
-    weights, ids = select_experts(sigmoid(logits), expert_bias, top_k, n_group, topk_group,
-                                  norm_topk_prob, routed_scaling_factor)
+    scores = sigmoid(logits)
+    select = _select_experts_c if _select_in_c(scores, expert_bias, top_k, n_group, topk_group) else select_experts
+    weights, ids = select(scores, expert_bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
     return weights, ids, logits
 
 
