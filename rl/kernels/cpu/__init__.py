@@ -19,6 +19,11 @@ What breaks invariance in plain torch on CPU, measured here, and what we do inst
     single-threaded, when this backend loads.
   - oneDNN runs other (non-AMX) bf16 kernels, with other bits, in a process the OS refused
     AMX: `amx.request` asks for it when this backend loads; the build fingerprint reports it.
+Speed (the rollout engine's decode step is many small ops): the decode steps of both attention
+kinds run in C (csrc/lightning_decode.c, attention_decode.c: the general path's arithmetic on
+a step's own rows), and without autograd RMSNorm, RoPE and the router's top-k run as one C pass
+each (csrc/norm_rope.c, route.c) with the torch forms' bits, which the trainer keeps; tests
+compare every pair of forms bit for bit (`native.py` builds the C once per machine).
 """
 from rl.kernels.cpu import amx
 from rl.kernels.cpu.malloc import keep_heap_top
