@@ -19,10 +19,6 @@
 
 #define BK 64
 
-static inline float ld(const void *p, int64_t at, int fp32) {
-    return fp32 ? ((const float *)p)[at] : bf16_to_f32(((const uint16_t *)p)[at]);
-}
-
 /* 16 consecutive elements from at as fp32 (n < 16: the rest zero) */
 static inline vf ld16(const void *p, int64_t at, int64_t n, int fp32) {
     vf v = {0};
@@ -31,7 +27,7 @@ static inline vf ld16(const void *p, int64_t at, int64_t n, int fp32) {
         vu16 h = *(const vu16_u *)((const uint16_t *)p + at);
         return (vf)(__builtin_convertvector(h, vu32) << 16);
     }
-    for (int64_t i = 0; i < n; i++) v[i] = ld(p, at + i, fp32);
+    for (int64_t i = 0; i < n; i++) v[i] = load_f32(p, at + i, fp32);
     return v;
 }
 
@@ -47,7 +43,7 @@ void attn_decode_scores(int64_t n, int64_t hkv, int64_t group, int64_t D, int64_
         int64_t last = ctx[b];                        /* keys at positions <= last are visible */
         for (int64_t hk = 0; hk < hkv; hk++) {
             for (int64_t r = 0; r < group; r++)
-                for (int64_t x = 0; x < D; x++) qv[r][x] = ld(q, b * sq0 + (hk * group + r) * sq1 + x, q_fp32);
+                for (int64_t x = 0; x < D; x++) qv[r][x] = load_f32(q, b * sq0 + (hk * group + r) * sq1 + x, q_fp32);
             float mx[group];
             int bad[group];
             for (int64_t r = 0; r < group; r++) { mx[r] = -__builtin_inff(); bad[r] = 0; }
@@ -141,9 +137,7 @@ void attn_decode_combine(int64_t n, int64_t hkv, int64_t group, int64_t D, int64
             if (!(denom > 0.0f)) denom = 1.0f;
             int64_t o = (b * hq + qh) * D;
             for (int64_t e = 0; e < D; e++) {
-                float y = tot[e / W][e % W] / denom;
-                if (out_fp32) ((float *)out)[o + e] = y;
-                else ((uint16_t *)out)[o + e] = f32_to_bf16(y);
+                store_f32(out, o + e, tot[e / W][e % W] / denom, out_fp32);
             }
         }
     }

@@ -21,10 +21,6 @@
    Slots must be distinct within a call. Innermost strides are 1; others are in elements. */
 #include "vec.h"
 
-static inline float load(const void *p, int64_t at, int fp32) {
-    return fp32 ? ((const float *)p)[at] : bf16_to_f32(((const uint16_t *)p)[at]);
-}
-
 void lightning_decode(int64_t n, int64_t H, int64_t D, int64_t C,
                       const void *q, int64_t sq0, int64_t sq1,
                       const void *k, int64_t sk0, int64_t sk1,
@@ -48,12 +44,12 @@ void lightning_decode(int64_t n, int64_t H, int64_t D, int64_t C,
             int64_t qo = b * sq0 + h * sq1, ko = b * sk0 + h * sk1, vo = b * sv0 + h * sv1;
             float *row = P + j * sp2;
             for (int64_t x = 0; x < D; x++) {
-                row[x] = load(k, ko + x, fp32_io);
-                row[D + x] = load(v, vo + x, fp32_io);
+                row[x] = load_f32(k, ko + x, fp32_io);
+                row[D + x] = load_f32(v, vo + x, fp32_io);
             }
             float qdec = q_decay[h * C + j];
             for (int64_t x = 0; x < D; x++) {
-                qs[x] = load(q, qo + x, fp32_io) * scale;
+                qs[x] = load_f32(q, qo + x, fp32_io) * scale;
                 qd[x] = qs[x] * qdec;
             }
             for (int64_t s = 0; s < C; s++) scores[s] = 0.0f;
@@ -75,8 +71,7 @@ void lightning_decode(int64_t n, int64_t H, int64_t D, int64_t C,
                 for (int64_t e = 0; e < D; e++) acc2[e] = acc2[e] + a * sx[e];
             }
             int64_t oo = (b * H + h) * D;
-            if (fp32_io) for (int64_t e = 0; e < D; e++) ((float *)out)[oo + e] = acc2[e] + acc[e];
-            else for (int64_t e = 0; e < D; e++) ((uint16_t *)out)[oo + e] = f32_to_bf16(acc2[e] + acc[e]);
+            for (int64_t e = 0; e < D; e++) store_f32(out, oo + e, acc2[e] + acc[e], fp32_io);
             if (j == C - 1) {
                 float wd = window_decay[h];
                 const float *kd = k_decay + h * C;

@@ -14,26 +14,17 @@
 #include <math.h>
 #include "vec.h"
 
-static inline float in(const void *p, int64_t at, int fp32) {
-    return fp32 ? ((const float *)p)[at] : bf16_to_f32(((const uint16_t *)p)[at]);
-}
-
-static inline void out(void *p, int64_t at, float v, int fp32) {
-    if (fp32) ((float *)p)[at] = v;
-    else ((uint16_t *)p)[at] = f32_to_bf16(v);
-}
-
 void rms_norm_rows(int64_t rows, int64_t D, const void *x, int64_t sx, const float *w, int64_t wrows,
                    float eps, int fp32_io, void *y)
 {
     float xf[D];
     for (int64_t i = 0; i < rows; i++) {
-        for (int64_t k = 0; k < D; k++) xf[k] = in(x, i * sx + k, fp32_io);
+        for (int64_t k = 0; k < D; k++) xf[k] = load_f32(x, i * sx + k, fp32_io);
         float ss = 0.0f;
         for (int64_t k = 0; k < D; k++) ss = ss + xf[k] * xf[k];
         float r = 1.0f / sqrtf(ss / (float)D + eps);
         const float *wr = w + (i % wrows) * D;
-        for (int64_t k = 0; k < D; k++) out(y, i * D + k, (xf[k] * r) * wr[k], fp32_io);
+        for (int64_t k = 0; k < D; k++) store_f32(y, i * D + k, (xf[k] * r) * wr[k], fp32_io);
     }
 }
 
@@ -46,11 +37,11 @@ void rope_rows(int64_t N, int64_t H, int64_t D, int64_t rotary_dim, const void *
         for (int64_t h = 0; h < H; h++) {
             int64_t xi = t * sx0 + h * sx1, yi = (t * H + h) * D;
             for (int64_t j = 0; j < half; j++) {
-                float x1 = in(x, xi + j, fp32_io), x2 = in(x, xi + j + half, fp32_io);
-                out(y, yi + j, x1 * c[j] - x2 * s[j], fp32_io);
-                out(y, yi + j + half, x2 * c[j] + x1 * s[j], fp32_io);
+                float x1 = load_f32(x, xi + j, fp32_io), x2 = load_f32(x, xi + j + half, fp32_io);
+                store_f32(y, yi + j, x1 * c[j] - x2 * s[j], fp32_io);
+                store_f32(y, yi + j + half, x2 * c[j] + x1 * s[j], fp32_io);
             }
-            for (int64_t j = rotary_dim; j < D; j++) out(y, yi + j, in(x, xi + j, fp32_io), fp32_io);
+            for (int64_t j = rotary_dim; j < D; j++) store_f32(y, yi + j, load_f32(x, xi + j, fp32_io), fp32_io);
         }
     }
 }

@@ -14,13 +14,16 @@ typedef uint16_t vu16 __attribute__((vector_size(W * sizeof(uint16_t))));
 typedef float vf_u __attribute__((vector_size(W * sizeof(float)), aligned(4)));
 typedef uint16_t vu16_u __attribute__((vector_size(W * sizeof(uint16_t)), aligned(2)));
 
-enum { F32_DENSE, F32_STRIDED, BF16_DENSE, BF16_STRIDED };
-
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
+}
+
+/* element `at` of a bfloat16 array, or of a float32 one when fp32 is set, as fp32 (exact) */
+static inline float load_f32(const void *p, int64_t at, int fp32) {
+    return fp32 ? ((const float *)p)[at] : bf16_to_f32(((const uint16_t *)p)[at]);
 }
 
 static inline uint16_t f32_to_bf16(float f) {        /* torch's float -> bfloat16: nearest even */
@@ -48,6 +51,12 @@ static inline __attribute__((always_inline)) void transpose16(vf r[W]) {
     STAGE(1, ((vu32){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}),
              ((vu32){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}))
 #undef STAGE
+}
+
+/* v into element `at` of a bfloat16 array (nearest even), or of a float32 one when fp32 is set */
+static inline void store_f32(void *p, int64_t at, float v, int fp32) {
+    if (fp32) ((float *)p)[at] = v;
+    else ((uint16_t *)p)[at] = f32_to_bf16(v);
 }
 
 #endif
