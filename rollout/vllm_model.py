@@ -141,7 +141,6 @@ class LockstepBailingForCausalLM(nn.Module, HasInnerState, IsHybrid):
         self.update_error: str | None = None
         self.fault: str | None = None            # test hook: makes the next forward raise
         self.trace: EngineTrace | None = None     # set by RolloutWorker.trace_engine
-        self._lm_head_fp32: torch.Tensor | None = None     # see compute_logits
 
     # -- vLLM model interface ----------------------------------------------------------------
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -190,19 +189,13 @@ class LockstepBailingForCausalLM(nn.Module, HasInnerState, IsHybrid):
         return out
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """fp32 log_softmax(logits / T) [N, V] from rl.kernels (T = 1 for greedy runs).
-
-        The fp32 lm_head reads the weight widened to fp32; the widening (exact, so the bits
-        are the trainer's) is done once per weight load instead of every step, where it cost
-        more than the product itself (small model: 32 of 54 ms per decode step)."""
-        if self._lm_head_fp32 is None:
-            self._lm_head_fp32 = self.lm.lm_head.weight.float()
-        return K.log_softmax_logits(hidden_states, self._lm_head_fp32, self.temperature)
+        """fp32 log_softmax(logits / T) [N, V] from rl.kernels (T = 1 for greedy runs), with
+        the trainer's lm_head weight (bf16) and product (`prepack` packed it for the kernels)."""
+        return K.log_softmax_logits(hidden_states, self.lm.lm_head.weight, self.temperature)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """HF names (`model.layers.{l}...`, `lm_head.weight`) copied into our module's tensors."""
         targets = dict(self.lm.state_dict(keep_vars=True))
-        self._lm_head_fp32 = None                 # the only place weights change: re-widen later
         loaded = set()
         with torch.no_grad():
             for name, tensor in weights:

@@ -118,7 +118,7 @@ class BailingMoeLinearV2ForCausalLM(BailingMoeLinearV2PreTrainedModel, Generatio
                   for g in m.fused_groups()]
         fused = {id(w) for g, kept in zip(groups, K.prepack_fused(groups)) if kept for w in g}
         count = len(fused) + K.prepack(m.weight for m in self.modules()
-                                       if isinstance(m, Linear) and m is not self.lm_head and id(m.weight) not in fused)
+                                       if isinstance(m, Linear) and id(m.weight) not in fused)
         for m in self.modules():
             if isinstance(m, MoE):
                 K.prepack_experts([e.gate_proj.weight for e in m.experts], [e.up_proj.weight for e in m.experts],

@@ -30,6 +30,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from rl.kernels.cpu import tiles
+
 TILE_M = 32
 
 
@@ -98,23 +100,27 @@ def bf16_tile_rows(m: int, k: int) -> int:
     return max(1, -(-m // TILE_M)) * TILE_M if k <= ONE_CALL_MAX_K else TILE_M
 
 
-def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor | None, packed=None) -> torch.Tensor:
-    """x [M, K] bf16 @ weight [N, K]ᵀ bf16 -> [M, N] bf16, one fixed-shape mm per row tile;
-    batch-invariant in M and in the thread count. `packed`: oneDNN's packed form of the weight
-    (then `weight` may be None); by default the weight's own current pack, if any."""
+def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor | None, packed=None,
+                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, K] bf16 @ weight [N, K]ᵀ bf16 -> [M, N] in out_dtype, batch-invariant in M and
+    in the thread count. `packed`: the weight's packed form (then `weight` may be None); by
+    default the weight's own current pack, if any. With AMX: `tiles.product` (bf16 or fp32
+    out); else one fixed-shape oneDNN mm per row tile (bf16 out only)."""
+    if packed is None:
+        packed = _packed(weight)
+    if tiles.available():
+        return tiles.product(x, packed if packed is not None else tiles.pack(weight), out_dtype)
     m, k = x.shape
     tile = bf16_tile_rows(m, k)
     n_tiles = max(1, -(-m // tile))
     xp = _whole_tiles(x, n_tiles * tile, torch.bfloat16)
-    if packed is None:
-        packed = _packed(weight)
     if packed is not None:
         if n_tiles == 1:                 # decode: one call on the whole (padded) input
             y = _packed_linear(xp, packed, None, "none", [], "")
             return y if m == xp.shape[0] else y[:m]
-        tiles = [_packed_linear(xp[i * tile:(i + 1) * tile], packed, None, "none", [], "")
+        parts = [_packed_linear(xp[i * tile:(i + 1) * tile], packed, None, "none", [], "")
                  for i in range(n_tiles)]
-        return torch.cat(tiles)[:m]
+        return torch.cat(parts)[:m]
     out = x.new_empty((n_tiles * tile, weight.shape[0]))
     w_t = weight.t()
     for i in range(n_tiles):
@@ -168,14 +174,23 @@ except (AttributeError, RuntimeError):       # a torch build without oneDNN: nev
 def prepack(weights) -> int:
     """Keep a oneDNN-packed copy of each 2D bf16 CPU weight for `linear`; returns how many.
     Call again after the weights change (a stale pack is never used, only wasted)."""
-    if _pack is None or not torch.backends.mkldnn.is_available():
+    if not _can_pack():
         return 0
     count = 0
     for w in weights:
         if w.dtype == torch.bfloat16 and w.dim() == 2 and w.device.type == "cpu":
-            keep_derived(w, _PACK_ATTR, (w,), _pack(w.detach(), TILE_M))
+            keep_derived(w, _PACK_ATTR, (w,), _pack_weight(w.detach()))
             count += 1
     return count
+
+
+def _can_pack() -> bool:
+    return tiles.available() or (_pack is not None and torch.backends.mkldnn.is_available())
+
+
+def _pack_weight(w: torch.Tensor):
+    """The packed form `matmul_rows_bf16` takes: tiles' layout with AMX, else oneDNN's."""
+    return tiles.pack(w) if tiles.available() else _pack(w, TILE_M)
 
 
 def _packed(weight: torch.Tensor):
@@ -199,13 +214,13 @@ def prepack_fused(groups) -> list[bool]:
     kept = []
     for group in groups:
         group = tuple(group)
-        ok = (_pack is not None and torch.backends.mkldnn.is_available() and len(group) >= 1
+        ok = (_can_pack() and len(group) >= 1
               and all(w.dtype == torch.bfloat16 and w.dim() == 2 and w.device.type == "cpu"
                       and w.shape[1] == group[0].shape[1] for w in group))
         if ok:
             with torch.inference_mode(False):
                 stacked = torch.cat([w.detach() for w in group])
-            keep_derived(group[0], _FUSED_ATTR, group, _pack(stacked, TILE_M))
+            keep_derived(group[0], _FUSED_ATTR, group, _pack_weight(stacked))
         kept.append(ok)
     return kept
 
@@ -231,9 +246,29 @@ def fused_linear(x: torch.Tensor, weights) -> list[torch.Tensor] | None:
 
 
 def _forward(x2d: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    if x2d.dtype == weight.dtype == torch.bfloat16 and tiles.available():
+        y = matmul_rows_bf16(x2d, weight, out_dtype=torch.float32 if out_dtype != torch.bfloat16 else out_dtype)
+        return y.to(out_dtype)
     if x2d.dtype == weight.dtype == out_dtype == torch.bfloat16:
         return matmul_rows_bf16(x2d, weight)
-    return matmul_rows(x2d, weight.float()).to(out_dtype)
+    return matmul_rows(x2d, _fp32_weight(weight)).to(out_dtype)
+
+
+_WIDE_ATTR = "_lockstep_fp32_copy"
+
+
+def _fp32_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in fp32 for `matmul_rows` (exact widening). For a weight an inference engine
+    prepacked (it changes only through a new load and `prepack`), the widened copy is kept
+    instead of made at every call (the small model's lm_head: ~130 MB per decode step)."""
+    if weight.dtype == torch.float32:
+        return weight
+    wide = current_derived(weight, _WIDE_ATTR, (weight,))
+    if wide is None:
+        wide = weight.float()
+        if _packed(weight) is not None:
+            keep_derived(weight, _WIDE_ATTR, (weight,), wide)
+    return wide
 
 
 class _InvariantLinear(torch.autograd.Function):

@@ -1,0 +1,153 @@
+/* bf16 products on AMX tiles with a defined arithmetic order (see rl/kernels/cpu/tiles.py).
+
+   out[i, j] = x[i, :] . w[j, :] for bf16 x [M, K] and w [N, K], accumulated in fp32: the
+   fp32 accumulator of element (i, j) starts at +0 and takes one TDPBF16PS per 32-wide block of
+   k, in increasing k (K is zero-padded to a multiple of 32; a zero product leaves the sum as it
+   was). One TDPBF16PS computes each element of its 16 x 16 output tile from that element's own
+   row of x and column of w, so an element's bits depend on them and on K alone: not on M, N,
+   the row or column tile it falls in, or the loop order below. Output: the fp32 sum, or it
+   rounded to bf16 (nearest-even, VCVTNEPS2BF16).
+
+   w is packed once (`tiles_pack`) into VNNI tiles: columns in panels of 16, four panels to a
+   group of 64 columns; for each pair of k, a group holds its panels' 16 columns x 2 values.
+   Needs AMX-BF16 (the caller checks) and the process's AMX permission (rl/kernels/cpu/amx.py);
+   compiled with target attributes so the library builds on any x86-64. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PANEL 16                  /* columns per tile */
+#define GROUP 4                   /* tiles (panels) per column group: 4 accumulator tiles */
+#define KBLOCK 32                 /* k per TDPBF16PS */
+#define ROWS 16                   /* rows per x tile */
+#define X_IN_CACHE (1 << 20)      /* padded x bytes up to which each column group sweeps all rows */
+
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+
+static int64_t padded_k(int64_t k) { return (k + KBLOCK - 1) / KBLOCK * KBLOCK; }
+
+/* uint16 elements of the packed form of an [n, k] weight */
+int64_t tiles_packed_size(int64_t n, int64_t k) {
+    return (n + GROUP * PANEL - 1) / (GROUP * PANEL) * GROUP * PANEL * padded_k(k);
+}
+
+void tiles_pack(int64_t n, int64_t k, const uint16_t *w, int64_t ldw, uint16_t *packed) {
+    int64_t pairs = padded_k(k) / 2;
+    for (int64_t g0 = 0; g0 < n; g0 += GROUP * PANEL) {
+        int64_t panels = (n - g0 + PANEL - 1) / PANEL;
+        if (panels > GROUP) panels = GROUP;
+        uint16_t *dst = packed + g0 * 2 * pairs;
+        for (int64_t kp = 0; kp < pairs; kp++)
+            for (int64_t p = 0; p < panels; p++)
+                for (int64_t c = 0; c < PANEL; c++) {
+                    int64_t row = g0 + p * PANEL + c;
+                    uint16_t *d = dst + (kp * panels + p) * 2 * PANEL + 2 * c;
+                    for (int j = 0; j < 2; j++) {
+                        int64_t col = 2 * kp + j;
+                        d[j] = row < n && col < k ? w[row * ldw + col] : 0;
+                    }
+                }
+    }
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config;
+
+AMX_TARGET static void configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 6; t++) {           /* 0-3: fp32 accumulators, 4: x, 5: w */
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = ROWS;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+#define W_TILE(acc, p)                                                                       \
+    if ((p) < panels) {                                                                      \
+        _tile_loadd(5, group + (kb / 2 * panels + (p)) * 2 * PANEL, panels * 2 * PANEL * 2); \
+        _tile_dpbf16ps(acc, 4, 5);                                                           \
+    }
+
+/* one block of 16 rows (x rows `lda` apart, K padded) times one column group */
+AMX_TARGET static void block(const uint16_t *x, int64_t lda, int64_t kpad, const uint16_t *group,
+                             int64_t panels, float sums[ROWS][GROUP * PANEL]) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kb = 0; kb < kpad; kb += KBLOCK) {
+        _tile_loadd(4, x + kb, lda * 2);
+        W_TILE(0, 0)
+        W_TILE(1, 1)
+        W_TILE(2, 2)
+        W_TILE(3, 3)
+    }
+    _tile_stored(0, &sums[0][0], GROUP * PANEL * 4);
+    _tile_stored(1, &sums[0][PANEL], GROUP * PANEL * 4);
+    _tile_stored(2, &sums[0][2 * PANEL], GROUP * PANEL * 4);
+    _tile_stored(3, &sums[0][3 * PANEL], GROUP * PANEL * 4);
+}
+
+AMX_TARGET static void write_rows(float sums[ROWS][GROUP * PANEL], int64_t rows, int64_t col0, int64_t n,
+                                  void *out, int64_t ldo, int out_fp32) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < GROUP * PANEL && col0 + c < n; c += PANEL) {
+            int64_t left = n - col0 - c;
+            __mmask16 mask = left >= PANEL ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            __m512 v = _mm512_loadu_ps(&sums[r][c]);
+            if (out_fp32)
+                _mm512_mask_storeu_ps((float *)out + r * ldo + col0 + c, mask, v);
+            else
+                _mm256_mask_storeu_epi16((uint16_t *)out + r * ldo + col0 + c, mask,
+                                         (__m256i)_mm512_cvtneps_pbh(v));
+        }
+}
+
+/* out [m, n] (row stride ldo; fp32 or bf16) = x [m, k] (bf16, row stride ldx) . packed w.
+   Returns 0, or -1 when scratch memory could not be had. */
+AMX_TARGET int tiles_product(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t ldx,
+                             const uint16_t *packed, void *out, int64_t ldo, int out_fp32) {
+    int64_t kpad = padded_k(k), pairs = kpad / 2;
+    int64_t mpad = (m + ROWS - 1) / ROWS * ROWS;
+    uint16_t *copy = NULL;
+    const uint16_t *a = x;
+    int64_t lda = ldx;
+    if (mpad != m || kpad != k) {           /* zero-padded copy: whole x tiles */
+        copy = aligned_alloc(64, (size_t)(mpad * kpad * 2 + 63) / 64 * 64);
+        if (!copy) return -1;
+        memset(copy, 0, (size_t)mpad * kpad * 2);
+        for (int64_t r = 0; r < m; r++) memcpy(copy + r * kpad, x + r * ldx, (size_t)k * 2);
+        a = copy;
+        lda = kpad;
+    }
+    float sums[ROWS][GROUP * PANEL] __attribute__((aligned(64)));
+    size_t esize = out_fp32 ? 4 : 2;
+    configure();
+    if (mpad * kpad * 2 <= X_IN_CACHE) {    /* each weight group read once, x from cache */
+        for (int64_t g0 = 0; g0 < n; g0 += GROUP * PANEL) {
+            int64_t panels = (n - g0 + PANEL - 1) / PANEL;
+            if (panels > GROUP) panels = GROUP;
+            for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
+                block(a + r0 * lda, lda, kpad, packed + g0 * 2 * pairs, panels, sums);
+                write_rows(sums, m - r0 < ROWS ? m - r0 : ROWS, g0, n, (char *)out + r0 * ldo * esize, ldo, out_fp32);
+            }
+        }
+    } else {                                /* large x: each row block sweeps the weight */
+        for (int64_t r0 = 0; r0 < m; r0 += ROWS)
+            for (int64_t g0 = 0; g0 < n; g0 += GROUP * PANEL) {
+                int64_t panels = (n - g0 + PANEL - 1) / PANEL;
+                if (panels > GROUP) panels = GROUP;
+                block(a + r0 * lda, lda, kpad, packed + g0 * 2 * pairs, panels, sums);
+                write_rows(sums, m - r0 < ROWS ? m - r0 : ROWS, g0, n, (char *)out + r0 * ldo * esize, ldo, out_fp32);
+            }
+    }
+    _tile_release();
+    free(copy);
+    return 0;
+}

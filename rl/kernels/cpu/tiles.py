@@ -1,0 +1,83 @@
+"""bf16 products on AMX tiles with one defined order per element (csrc/tiles.c).
+
+    out[i, j] = Σ over 32-wide k blocks, in increasing k, of TDPBF16PS(x[i, block], w[j, block])
+    in an fp32 accumulator from +0; out in fp32, or rounded to bf16.
+
+An element's bits depend on its own row of x, its own row of w and K, by construction: not on
+how many rows share the call, where the row sits, the column tiling or the thread count (the
+kernel is single-threaded). This is `linear`'s product for bf16 operands wherever the process
+has AMX (`available`): projections and experts (bf16 out) and the fp32-output products of bf16
+operands (lm_head, router, value head) — the trainer and the rollout engine run the same
+kernel at every M. The weight is packed into VNNI tiles first (`pack`: the rollout engine keeps
+the packed copy, the trainer packs per call). Weight bytes stream once per call for small M
+(decode), which is what makes decode steps fast.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from rl.kernels.cpu import amx
+from rl.kernels.cpu.native import library
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+class Packed:
+    """A bf16 weight [n, k] in the kernel's tile layout (uint16 storage, `tiles_pack`)."""
+    __slots__ = ("data", "n", "k")
+
+    def __init__(self, data: torch.Tensor, n: int, k: int):
+        self.data, self.n, self.k = data, n, k
+
+
+@functools.lru_cache(maxsize=1)
+def _functions():
+    lib = library()
+    size, pack_fn, product = lib.tiles_packed_size, lib.tiles_pack, lib.tiles_product
+    size.restype, size.argtypes = _I64, [_I64, _I64]
+    pack_fn.restype, pack_fn.argtypes = None, [_I64, _I64, _PTR, _I64, _PTR]
+    product.restype = ctypes.c_int
+    product.argtypes = [_I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
+    return size, pack_fn, product
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """This process may run the kernel: the CPU has AMX-BF16 and the OS granted AMX (the cpu
+    backend asks when it loads). Fixed for the process's life once true."""
+    return bool(amx.supported() and amx.permitted())
+
+
+def pack(weight: torch.Tensor) -> Packed:
+    """weight [n, k] bf16 (any row stride, unit column stride) -> its packed copy."""
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu":
+        raise ValueError(f"tiles.pack: a 2D bf16 CPU weight, got {weight.dtype} {list(weight.shape)} on {weight.device}")
+    w = weight.detach()
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    n, k = w.shape
+    size, pack_fn, _ = _functions()
+    with torch.inference_mode(False):          # a plain tensor also under vLLM's inference mode
+        data = torch.empty(size(n, k), dtype=torch.int16)
+    pack_fn(n, k, w.data_ptr(), w.stride(0), data.data_ptr())
+    return Packed(data, n, k)
+
+
+def product(x: torch.Tensor, packed: Packed, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [m, k] bf16 @ packed weight [n, k]ᵀ -> [m, n] in out_dtype (bf16 or fp32)."""
+    m, k = x.shape
+    if x.dtype != torch.bfloat16 or k != packed.k:
+        raise ValueError(f"tiles.product: x must be bf16 [M, {packed.k}], got {x.dtype} {list(x.shape)}")
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"tiles.product: out_dtype bf16 or fp32, got {out_dtype}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty((m, packed.n), dtype=out_dtype)
+    if m and packed.n:
+        if _functions()[2](m, packed.n, k, x.data_ptr(), x.stride(0), packed.data.data_ptr(), out.data_ptr(),
+                           out.stride(0), int(out_dtype == torch.float32)) != 0:
+            raise MemoryError(f"tiles.product: no scratch memory for a [{m}, {k}] operand")
+    return out
