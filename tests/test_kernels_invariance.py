@@ -94,7 +94,6 @@ def test_fused_linear_gives_each_projections_bits(k, sizes):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("d", [128, 399, 400, 1024], ids=lambda v: f"D{v}")
 def test_rms_norm_batch_invariant(dtype, d):
-    """Rows shorter than norm.SHORT_ROW take the per-row bmm, longer ones row_sum: both sides."""
     w = torch.randn(d).to(dtype)
     rows_invariant(lambda t: K.rms_norm(t, w, 1e-6), torch.randn(1000, d).to(dtype), f"rms_norm D={d}")
     wh = torch.randn(32).to(dtype)
@@ -176,11 +175,18 @@ def test_moe_experts_rollout_path_equals_trainer_path():
 @pytest.mark.parametrize("num_experts,inter,hidden,k", [(8, 64, 128, 2), (16, 512, 1024, 4)],
                          ids=["tiny", "small"])
 def test_moe_experts_stacked_paths_equal_trainer_path(num_experts, inter, hidden, k):
-    """Without autograd, decode-sized batches run the gate/up and/or down products over all
-    experts' stacked weights (the rollout's paths, with per-module weight lists as the model
-    passes them): the same bits as the trainer's per-expert products for every combination,
+    """Without autograd, with the stacked copies `prepack_experts` keeps, the rollout runs every
+    expert in two grouped tile products (AMX, `_grouped_experts`) or, without AMX, the gate/up
+    and/or down products over all experts' stacked weights (with per-module weight lists as
+    the model passes them): the same bits as the trainer's per-expert products for every path,
     1 and 2 threads, idle experts, and re-stacked after a weight changes in place."""
-    from rl.kernels.cpu import moe
+    from rl.kernels.cpu import moe, tiles
+
+    def grouped(x, flat_ids):
+        with torch.no_grad():
+            out = moe._grouped_experts(x, flat_ids, k, gw, uw, dw, moe._expert_counts(flat_ids, num_experts))
+        assert (out is not None) == tiles.available()
+        return out
     gw = [torch.randn(inter, hidden).bfloat16() for _ in range(num_experts)]
     uw = [torch.randn(inter, hidden).bfloat16() for _ in range(num_experts)]
     dw = [torch.randn(hidden, inter).bfloat16() for _ in range(num_experts)]
@@ -205,6 +211,8 @@ def test_moe_experts_stacked_paths_equal_trainer_path(num_experts, inter, hidden
                     with torch.no_grad():
                         stacked = moe._stacked_experts(x, ids.reshape(-1), k, gw, uw, dw, *dense)
                     assert_bits_equal(stacked, per_expert, f"stacked {dense} n={n} threads={num_threads}")
+                if tiles.available():
+                    assert_bits_equal(grouped(x, ids.reshape(-1)), per_expert, f"grouped n={n} threads={num_threads}")
                 with torch.inference_mode():          # as vLLM runs the model
                     rollout = K.moe_experts(x, ids, weights, gw, uw, dw)
                 trainer = K.moe_experts(x.clone().requires_grad_(), ids, weights, gw, uw, dw)
@@ -216,10 +224,15 @@ def test_moe_experts_stacked_paths_equal_trainer_path(num_experts, inter, hidden
                 ids = torch.cat([torch.full((4, 1), 3), torch.arange(4, 4 + k - 1).expand(4, -1)], 1)
                 expected = moe._per_expert_gathers(x, ids.reshape(-1), k, gw, uw, dw)
                 assert (moe._stacked_down(dw) if w is dw[3] else moe._stacked_gate_up(gw, uw)) is None
+                with torch.no_grad():
+                    assert moe._grouped_experts(x, ids.reshape(-1), k, gw, uw, dw,
+                                                moe._expert_counts(ids.reshape(-1), num_experts)) is None
                 assert_bits_equal(K.moe_experts(x, ids, torch.ones(4, k), gw, uw, dw),
                                   K.moe_experts(x.clone().requires_grad_(), ids, torch.ones(4, k), gw, uw, dw).detach(),
                                   "stale stack")
                 K.prepack_experts(gw, uw, dw)  # what the rollout engine does after a load
+                if tiles.available():
+                    assert_bits_equal(grouped(x, ids.reshape(-1)), expected, "grouped after update")
                 for dense in combos:
                     assert_bits_equal(moe._stacked_experts(x, ids.reshape(-1), k, gw, uw, dw, *dense),
                                       expected, f"after update {dense}")
@@ -309,14 +322,14 @@ def test_run_to_run_determinism(tiny_model):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_c_rms_norm_and_rope_are_the_torch_forms_bits(dtype):
-    """Without autograd, RMSNorm (rows shorter than SHORT_ROW) and RoPE run as one C pass each
-    (csrc/norm_rope.c); the trainer keeps the torch forms. The two must give the same bits: every
-    row length below SHORT_ROW, one weight row or one per head, strided inputs, partial rotation."""
+    """Without autograd, RMSNorm and RoPE run as one C pass each (csrc/norm_rope.c); the trainer
+    keeps the torch forms. The two must give the same bits: row lengths 1 to 4096, one weight row
+    or one per head, strided inputs, partial rotation."""
     import importlib
     norm = importlib.import_module("rl.kernels.cpu.norm")
     rope = importlib.import_module("rl.kernels.cpu.rope")      # (the package exports a function `rope`)
     gen = torch.Generator().manual_seed(5)
-    for d in list(range(1, 80)) + [96, 127, 128, 129, 255, 256, 320, norm.SHORT_ROW - 1]:
+    for d in list(range(1, 80)) + [96, 127, 128, 129, 255, 256, 320, 399, 400, 1000, 1024, 2048, 2816, 4096]:
         x = (torch.randn(37, 3, d, generator=gen) * 4).to(dtype)
         for weight in (torch.randn(d, generator=gen).bfloat16(), torch.randn(3, d, generator=gen).bfloat16()):
             assert norm._c_weight_rows(x, weight)

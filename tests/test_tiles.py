@@ -79,3 +79,22 @@ def test_bad_calls():
     with pytest.raises(ValueError, match="bf16 or fp32"):
         tiles.product(torch.randn(4, 64).bfloat16(), packed, torch.float16)
     assert tiles.product(torch.randn(0, 64).bfloat16(), packed, torch.float32).shape == (0, 32)
+
+
+def test_product_groups_is_each_groups_product():
+    """A MoE layer's experts in one call: row group g times part g of one packed stack."""
+    parts, n, k = 3, 128, 96
+    w = torch.randn(parts * n, k).bfloat16()
+    packed = tiles.pack(w)
+    counts = [5, 0, 17]
+    x = torch.randn(sum(counts), k).bfloat16()
+    got = tiles.product_groups(x, counts, packed, parts, torch.bfloat16)
+    start = 0
+    for g, count in enumerate(counts):
+        want = tiles.product(x[start:start + count], tiles.pack(w[g * n:(g + 1) * n]), torch.bfloat16)
+        assert_bits_equal(got[start:start + count], want, f"group {g}")
+        start += count
+    with pytest.raises(ValueError, match="multiple of 64"):
+        tiles.product_groups(x, [11, 11], tiles.pack(torch.randn(2 * 40, k).bfloat16()), 2, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"bf16 \[23, 96\]"):
+        tiles.product_groups(x, [11, 0, 12], packed, parts, torch.bfloat16)

@@ -1,30 +1,25 @@
-"""Batch-invariant matrix products on CPU.
+"""Batch-invariant matrix products on CPU: `linear` (y = x @ wᵀ), whose every row's bits
+depend on that row alone (not on M, the other rows, the row's position or the thread count).
 
-`bmm_fixed(a [G, m, k], b [G, k, n])` is the contraction primitive of the projections' fp32
-forms, the router, lm_head and row sums (the attention kernels use `rows.bmm_rows`, whose
-per-element order is defined by its own code, so that decode can compute single rows). Callers give it fixed per-matrix shapes (m, k, n depend only on the layer, never on how many
-rows share the call); it pads G to at least 2 so ATen runs the matrices in parallel with a
-single-threaded GEMM each (a lone GEMM would be split across threads differently). Each
-output element is then reduced over k by the same GEMM micro-kernel in the same order,
-whatever G is and wherever the row sits in its tile.
-
-`linear` tiles the rows of x into fixed-size row blocks, so a row's output bits do not depend
-on M, on the other rows, or on the row's position. Two products, chosen by dtype only:
-- bf16 in, bf16 out (every projection and expert): plain `torch.mm` calls, which oneDNN runs
-  on AMX-bf16 with fp32 accumulation, over 32-row tiles. Measured here: a 32-row tile gives the
-  same bits with 1, 2, 3, 4, 8 and 16 threads at K up to 4096 (larger tiles at K >= 512 change
-  with the thread count: never use them); for K <= 256 oneDNN does not block K, and every M from
-  1 to 2048 gives the same bits as a 32-row tile with 1, 2 and 4 threads, so there the rows
-  (rounded up to 32) go in one call. tests/test_kernels_invariance.py re-checks both on the
-  machine it runs on.
-- anything else (fp32 out for router and lm_head, fp32 inputs): 16-row fp32 tiles (and
-  512-column blocks when N is larger, see `matmul_rows`) through
-  `bmm_fixed` (bf16 inputs are widened exactly).
-The output is rounded to `out_dtype`.
+Products of bf16 operands (every projection and expert, bf16 out; lm_head, router and value
+head, fp32 out):
+- on a CPU with AMX (this project's machines): `tiles.product`, our own AMX kernel, in which
+  every element is one fixed chain of tile ops over k by construction, at every M; the
+  trainer packs the weight per call, an inference engine keeps packed copies (`prepack`,
+  `prepack_fused`).
+- otherwise: plain `torch.mm` calls over fixed 32-row tiles, which oneDNN runs with fp32
+  accumulation (measured: a 32-row tile gives the same bits with 1 to 16 threads at K up to
+  4096; for K <= 256 oneDNN does not block K and every M gives a 32-row tile's bits, so there
+  the rows go in one call); fp32 output through `matmul_rows` on the exactly widened weight.
+Everything else (fp32 inputs): `matmul_rows`, 16-row fp32 tiles (512-column blocks when N is
+larger) through `bmm_fixed(a [G, m, k], b [G, k, n])`, whose callers give fixed per-matrix
+shapes; it pads G to at least 2 so ATen runs the matrices in parallel with a single-threaded
+GEMM each, so each element is reduced over k by the same micro-kernel in the same order.
+tests/test_kernels_invariance.py re-checks all of it on the machine it runs on. (The attention
+kernels use `rows.bmm_rows`, whose per-element order is defined by its own code.)
 """
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -58,7 +53,7 @@ def _whole_tiles(x: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor
     return xp
 
 
-FP32_TILE_M = 16      # rows per fp32 product (lm_head, router, row sums)
+FP32_TILE_M = 16      # rows per fp32 product
 COL_BLOCK = 512       # columns per fp32 product when N is larger (the lm_head's vocab)
 
 
@@ -291,19 +286,6 @@ class _InvariantLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = (grad_out.to(weight.dtype).t() @ x2d.to(weight.dtype)).to(weight.dtype)
         return grad_x, grad_w, None
-
-
-def row_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dim of fp32 x [..., D] -> [...], as a fixed-shape product with a ones
-    vector: ATen's own reduction kernels pick their vectorisation from the whole tensor's
-    shape, and a short row (D = 32, 64) was seen to sum differently in different calls."""
-    d = x.shape[-1]
-    return matmul_rows(x.reshape(-1, d), _ones_row(d, x.device)).reshape(x.shape[:-1])
-
-
-@functools.lru_cache(maxsize=64)
-def _ones_row(d: int, device: torch.device) -> torch.Tensor:
-    return torch.ones((1, d), dtype=torch.float32, device=device)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:

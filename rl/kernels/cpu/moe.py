@@ -7,8 +7,10 @@ lower index. Experts: each expert's SwiGLU runs its tokens through the invariant
 expert outputs are summed in fp32 in ascending expert order. The rows reach the experts by
 one gather per expert under autograd (trainer) or by one sorted gather without it (rollout):
 the same forward bits (tested), two ways of summing x's gradient (see `_per_expert_gathers`).
-Without autograd, where the rollout engine asked for stacked copies (`prepack_experts`) and it
-is cheaper (decode batches, see `_dense_choice`), the gate/up and/or the down products run once
+Without autograd, where the rollout engine asked for stacked copies (`prepack_experts`), with
+AMX tiles all experts run in two grouped calls (`_grouped_experts`: each used expert's weights
+read once, no per-expert Python). Without AMX, where it is cheaper (decode batches, see
+`_dense_choice`), the gate/up and/or the down products run once
 over all experts' weights stacked (`_stacked_experts`): a
 product's output element does not depend on how many weight rows share the call (tested at
 the model shapes), so the selected columns carry the per-expert bits in one oneDNN call
@@ -22,7 +24,8 @@ import functools
 import torch
 
 from rl.kernels.cpu.elementwise import sigmoid, silu
-from rl.kernels.cpu.matmul import bf16_tile_rows, current_derived, keep_derived, linear, prepack
+from rl.kernels.cpu import tiles
+from rl.kernels.cpu.matmul import _packed, bf16_tile_rows, current_derived, keep_derived, linear, prepack
 from rl.kernels.cpu.native import library
 
 # the fixed cost of one oneDNN call (~50 us here at tiny decode shapes) in weight bytes read
@@ -210,6 +213,33 @@ def prepack_experts(gate_w, up_w, down_w) -> int:
     return 1
 
 
+def _grouped_experts(x, flat_ids, k, gate_w, up_w, down_w, counts: list[int]) -> torch.Tensor | None:
+    """(token, slot) outputs [N*k, Hd] without autograd, with AMX tiles and the stacked packs
+    `prepack_experts` left: the rows sorted by expert, every used expert's gate/up product in
+    one call (`tiles.product_groups` over the stacked gate/up weight's per-expert parts), the
+    SwiGLU step once, the down products in one call; each expert's weights are read once.
+    The same bits as `expert_mlp` per expert (the tile product's element depends on its row
+    and weight row alone; `_swiglu` element-wise). None where any of that is missing."""
+    if not tiles.available() or x.dtype != torch.bfloat16 or not _stackable(gate_w):
+        return None
+    inter, hidden_size = gate_w[0].shape
+    if (2 * inter) % tiles.PART_ROWS or hidden_size % tiles.PART_ROWS:
+        return None
+    stacked_gate_up, stacked_down = _stacked_gate_up(gate_w, up_w), _stacked_down(down_w)
+    if stacked_gate_up is None or stacked_down is None:
+        return None
+    packed_gate_up, packed_down = _packed(stacked_gate_up), _packed(stacked_down)
+    if not isinstance(packed_gate_up, tiles.Packed) or not isinstance(packed_down, tiles.Packed):
+        return None
+    order = torch.argsort(flat_ids, stable=True)
+    gate_up = tiles.product_groups(x[order // k], counts, packed_gate_up, len(gate_w), x.dtype)   # [P, 2I]
+    hidden = _swiglu(gate_up[:, :inter], gate_up[:, inter:], x.dtype)
+    out_sorted = tiles.product_groups(hidden, counts, packed_down, len(gate_w), x.dtype)
+    out = torch.empty_like(out_sorted)
+    out[order] = out_sorted
+    return out
+
+
 def _calls_cost(rows: int, n: int, k: int) -> int:
     """Bytes-equivalent cost of a bf16 product of `rows` rows with a [n, k] weight: each row
     tile is one oneDNN call that reads the whole weight (decode products are bound by these
@@ -272,11 +302,13 @@ def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
         outputs = _per_expert_gathers(x, flat_ids, k, gate_w, up_w, down_w)
     else:
         counts = _expert_counts(flat_ids, len(gate_w))
-        dense_gate_up, dense_down = _dense_choice(x, flat_ids, gate_w, up_w, down_w, counts)
-        if dense_gate_up or dense_down:
-            outputs = _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up, dense_down, counts)
-        else:
-            outputs = _one_sorted_gather(x, flat_ids, k, gate_w, up_w, down_w, counts)
+        outputs = _grouped_experts(x, flat_ids, k, gate_w, up_w, down_w, counts)
+        if outputs is None:
+            dense_gate_up, dense_down = _dense_choice(x, flat_ids, gate_w, up_w, down_w, counts)
+            if dense_gate_up or dense_down:
+                outputs = _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up, dense_down, counts)
+            else:
+                outputs = _one_sorted_gather(x, flat_ids, k, gate_w, up_w, down_w, counts)
     outputs = outputs.view(num_tokens, k, -1).float()
     weights = topk_weights.float()
     combined = weights[:, 0, None] * outputs[:, 0]

@@ -1,11 +1,10 @@
 """RMSNorm forms on CPU: row-wise, fp32 statistics, never fused with the residual add.
 
 A row's statistic is its sum of squares, never an ATen reduction (whose order can change with
-the whole tensor's shape): for rows shorter than SHORT_ROW, one `bmm` of each row with itself
-([1, D] x [D, 1] per row; ATen runs products this small as one sequential loop each), else
-`matmul.row_sum` (a fixed-shape product). Either way a row's bits depend only on the row.
-Without autograd (the rollout engine), rows shorter than SHORT_ROW run as one C pass
-(csrc/norm_rope.c) with the same bits as the torch form, which the trainer keeps.
+the whole tensor's shape): `rows.bmm_rows` of each row with itself ([1, D] x [D, 1] per row),
+products rounded to fp32 and summed from +0 in increasing k, so a row's bits depend only on the
+row. Without autograd (the rollout engine) RMSNorm runs as one C pass (csrc/norm_rope.c) with
+the same arithmetic, so the same bits as the torch form, which the trainer keeps.
 """
 from __future__ import annotations
 
@@ -15,18 +14,13 @@ import functools
 import torch
 
 from rl.kernels.cpu.elementwise import sigmoid
-from rl.kernels.cpu.matmul import row_sum
 from rl.kernels.cpu.native import library
-
-
-SHORT_ROW = 400     # ATen's bmm computes a product of fewer multiply-adds as a plain loop
+from rl.kernels.cpu.rows import bmm_rows
 
 
 def _sum_of_squares(xf: torch.Tensor) -> torch.Tensor:
-    """[M, D] fp32 -> [M, 1]."""
-    if xf.shape[-1] < SHORT_ROW:
-        return torch.bmm(xf.unsqueeze(1), xf.unsqueeze(2)).view(-1, 1)
-    return row_sum(xf * xf)[:, None]
+    """[M, D] fp32 -> [M, 1]: each row's sum of squares in increasing k (differentiable)."""
+    return bmm_rows(xf.unsqueeze(1), xf.unsqueeze(2)).view(-1, 1)
 
 
 def _normalize(x2d: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,7 +41,7 @@ def _rows_kernel():
 def _c_weight_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
     """How many weight rows the C form cycles through for x (0: it does not take this call)."""
     d = x.shape[-1]
-    if (x.dtype not in (torch.bfloat16, torch.float32) or d >= SHORT_ROW or x.dim() < 2
+    if (x.dtype not in (torch.bfloat16, torch.float32) or x.dim() < 2
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return 0
     if weight.shape == (d,):
@@ -59,7 +53,7 @@ def _c_weight_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
 
 def _rms_norm_c(x: torch.Tensor, weight: torch.Tensor, eps: float, wrows: int) -> torch.Tensor:
     """The torch form's bits in one C pass (csrc/norm_rope.c; tests/test_kernels_invariance.py
-    compares the two at every row length below SHORT_ROW, both dtypes)."""
+    compares the two over row lengths 1 to 4096, both dtypes)."""
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:
@@ -74,7 +68,7 @@ def _rms_norm_c(x: torch.Tensor, weight: torch.Tensor, eps: float, wrows: int) -
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D], weight [D] (or any shape broadcast against x's trailing dims, e.g. one row
     per head [H, D]) -> x.dtype. Per-head q/k norm is x [N, H, D] with weight [D]. Without
-    autograd, rows shorter than SHORT_ROW take the C form (the same bits, one pass)."""
+    autograd the C form runs (the same bits, one pass)."""
     wrows = _c_weight_rows(x, weight)
     if wrows:
         return _rms_norm_c(x, weight, eps, wrows)

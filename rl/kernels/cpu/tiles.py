@@ -36,12 +36,14 @@ class Packed:
 @functools.lru_cache(maxsize=1)
 def _functions():
     lib = library()
-    size, pack_fn, product = lib.tiles_packed_size, lib.tiles_pack, lib.tiles_product
+    size, pack_fn, product, groups = lib.tiles_packed_size, lib.tiles_pack, lib.tiles_product, lib.tiles_product_groups
     size.restype, size.argtypes = _I64, [_I64, _I64]
     pack_fn.restype, pack_fn.argtypes = None, [_I64, _I64, _PTR, _I64, _PTR]
     product.restype = ctypes.c_int
     product.argtypes = [_I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
-    return size, pack_fn, product
+    groups.restype = ctypes.c_int
+    groups.argtypes = [_I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int]
+    return size, pack_fn, product, groups
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,7 +61,7 @@ def pack(weight: torch.Tensor) -> Packed:
     if w.stride(1) != 1:
         w = w.contiguous()
     n, k = w.shape
-    size, pack_fn, _ = _functions()
+    size, pack_fn = _functions()[:2]
     with torch.inference_mode(False):          # a plain tensor also under vLLM's inference mode
         data = torch.empty(size(n, k), dtype=torch.int16)
     pack_fn(n, k, w.data_ptr(), w.stride(0), data.data_ptr())
@@ -80,4 +82,29 @@ def product(x: torch.Tensor, packed: Packed, out_dtype: torch.dtype) -> torch.Te
         if _functions()[2](m, packed.n, k, x.data_ptr(), x.stride(0), packed.data.data_ptr(), out.data_ptr(),
                            out.stride(0), int(out_dtype == torch.float32)) != 0:
             raise MemoryError(f"tiles.product: no scratch memory for a [{m}, {k}] operand")
+    return out
+
+
+PART_ROWS = 64      # a part of a packed weight is itself packed contiguously if its rows are a multiple
+
+
+def product_groups(x: torch.Tensor, counts: list[int], packed: Packed, parts: int,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """x [sum(counts), k] bf16, rows grouped: rows of group g times part g of the packed weight
+    (its rows split into `parts` equal parts, e.g. a MoE layer's stacked experts) -> [rows,
+    n / parts], the same bits as `product` of each group with its part, in one call."""
+    n, k = packed.n // parts, packed.k
+    if packed.n != n * parts or n % PART_ROWS or len(counts) != parts:
+        raise ValueError(f"tiles.product_groups: {packed.n} weight rows in {parts} parts of a multiple of "
+                         f"{PART_ROWS} rows, {len(counts)} counts")
+    if x.dtype != torch.bfloat16 or x.shape != (sum(counts), k) or out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"tiles.product_groups: x must be bf16 [{sum(counts)}, {k}], got {x.dtype} {list(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows = torch.tensor(counts, dtype=torch.int64)
+    out = torch.empty((x.shape[0], n), dtype=out_dtype)
+    if x.shape[0] and _functions()[3](parts, rows.data_ptr(), n, k, x.data_ptr(), x.stride(0), packed.data.data_ptr(),
+                                      n * (-(-k // 32) * 32), out.data_ptr(), out.stride(0),
+                                      int(out_dtype == torch.float32)) != 0:
+        raise MemoryError("tiles.product_groups: no scratch memory")
     return out

@@ -3,7 +3,7 @@
 
    rms_norm_rows, per row i of x [rows, D] (row stride sx):
      ss   = sum_k x[k] * x[k]           (products rounded to fp32, summed from +0 in increasing k:
-                                         what ATen's batched product computes for rows this short)
+                                         rows.bmm_rows' order, which the torch form uses)
      r    = 1 / sqrt(ss / D + eps)      (each step one correctly rounded fp32 operation)
      y[k] = (x[k] * r) * w[i % wrows][k], rounded to the output dtype (bf16: nearest even).
    rope_rows, per token t and head h of x [N, H, D] (strides sx0, sx1), half = rotary_dim / 2:
