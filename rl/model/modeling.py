@@ -107,8 +107,8 @@ class BailingMoeLinearV2ForCausalLM(BailingMoeLinearV2PreTrainedModel, Generatio
         return self.model.forward_tokens(input_ids, batch, caches, trace)
 
     def prepack_for_inference(self) -> int:
-        """An inference engine's call after (re)loading weights: projection weights into the
-        kernels' packed layout, the projections of one input (q/k/v + output gate, an MLP's
+        """An inference engine's call after (re)loading weights: projection, router and lm_head
+        weights into the kernels' packed layout, the projections of one input (q/k/v + output gate, an MLP's
         gate + up) as one packed product, and each MoE layer's experts stacked (cpu; same bits,
         less work per decode step). Never for a trainer: its weights change without the engine knowing.
         A pack of a weight changed in place since is ignored by the kernels. Returns the
@@ -118,7 +118,7 @@ class BailingMoeLinearV2ForCausalLM(BailingMoeLinearV2PreTrainedModel, Generatio
                   for g in m.fused_groups()]
         fused = {id(w) for g, kept in zip(groups, K.prepack_fused(groups)) if kept for w in g}
         count = len(fused) + K.prepack(m.weight for m in self.modules()
-                                       if isinstance(m, Linear) and id(m.weight) not in fused)
+                                       if isinstance(m, (Linear, Router)) and id(m.weight) not in fused)
         for m in self.modules():
             if isinstance(m, MoE):
                 K.prepack_experts([e.gate_proj.weight for e in m.experts], [e.up_proj.weight for e in m.experts],

@@ -17,9 +17,45 @@
    Every product is rounded to fp32 and added to a sum that starts at +0 (no FMA: built with
    -ffp-contract=off), which is `bmm_rows`' definition: the general (prefill) path, which runs
    these same products through `bmm_rows` over whole query tiles, gets the same bits.
+   Pending rows past j are zero (zeroed with the slot and after each window), and intra[h, j, s]
+   is 0 there, so their terms of intra[e] are +-0, which leave a sum that started at +0 as it
+   was: the step computes scores and intra over rows 0 .. j only, with the same bits.
    q, k, v and out are bfloat16, or float32 when fp32_io is set (then out[e] = inter + intra).
    Slots must be distinct within a call. Innermost strides are 1; others are in elements. */
 #include "vec.h"
+
+/* out[e] = sum over r = 0 .. count-1 of coef[r] * rows[r * stride + e], each sum from +0 in
+   increasing r, products rounded: NV vectors of columns held in registers at a time */
+#define WEIGHTED_ROWS(NV)                                                                         \
+    static inline __attribute__((always_inline)) void weighted_rows_##NV(                          \
+        const float *coef, const float *rows, int64_t stride, int64_t count, float *out) {          \
+        vf sum[NV];                                                                               \
+        for (int v = 0; v < NV; v++) sum[v] = (vf){0};                                            \
+        for (int64_t r = 0; r < count; r++) {                                                     \
+            const float *row = rows + r * stride;                                                 \
+            float a = coef[r];                                                                    \
+            for (int v = 0; v < NV; v++) sum[v] = sum[v] + a * *(const vf_u *)(row + v * W);      \
+        }                                                                                         \
+        for (int v = 0; v < NV; v++) *(vf_u *)(out + v * W) = sum[v];                             \
+    }
+WEIGHTED_ROWS(8)
+WEIGHTED_ROWS(4)
+WEIGHTED_ROWS(2)
+WEIGHTED_ROWS(1)
+
+static void weighted_rows(const float *coef, const float *rows, int64_t stride, int64_t count, int64_t D,
+                          float *out) {
+    int64_t e0 = 0;
+    for (; e0 + 8 * W <= D; e0 += 8 * W) weighted_rows_8(coef, rows + e0, stride, count, out + e0);
+    for (; e0 + 4 * W <= D; e0 += 4 * W) weighted_rows_4(coef, rows + e0, stride, count, out + e0);
+    for (; e0 + 2 * W <= D; e0 += 2 * W) weighted_rows_2(coef, rows + e0, stride, count, out + e0);
+    for (; e0 + W <= D; e0 += W) weighted_rows_1(coef, rows + e0, stride, count, out + e0);
+    for (int64_t e = e0; e < D; e++) {
+        float sum = 0.0f;
+        for (int64_t r = 0; r < count; r++) sum = sum + coef[r] * rows[r * stride + e];
+        out[e] = sum;
+    }
+}
 
 void lightning_decode(int64_t n, int64_t H, int64_t D, int64_t C,
                       const void *q, int64_t sq0, int64_t sq1,
@@ -52,24 +88,29 @@ void lightning_decode(int64_t n, int64_t H, int64_t D, int64_t C,
                 qs[x] = load_f32(q, qo + x, fp32_io) * scale;
                 qd[x] = qs[x] * qdec;
             }
-            for (int64_t s = 0; s < C; s++) scores[s] = 0.0f;
-            for (int64_t x = 0; x < D; x++) {
-                float a = qs[x];
-                for (int64_t s = 0; s < C; s++) scores[s] = scores[s] + a * P[s * sp2 + x];
+            int64_t live = j + 1;            /* pending rows past j are zero: see above */
+            if (D % W == 0) {                /* 16 rows at a time, read as 16 x 16 blocks turned in registers */
+                for (int64_t s0 = 0; s0 < live; s0 += W) {
+                    vf sum = (vf){0}, r[W];
+                    for (int64_t x0 = 0; x0 < D; x0 += W) {
+                        for (int64_t i = 0; i < W; i++)
+                            r[i] = s0 + i < C ? *(const vf_u *)(P + (s0 + i) * sp2 + x0) : (vf){0};
+                        transpose16(r);          /* r[i]: column x0 + i of rows s0 .. s0 + 15 */
+                        for (int64_t i = 0; i < W; i++) sum = sum + qs[x0 + i] * r[i];
+                    }
+                    for (int64_t i = 0; i < W && s0 + i < live; i++) scores[s0 + i] = sum[i];
+                }
+            } else {
+                for (int64_t s = 0; s < live; s++) scores[s] = 0.0f;
+                for (int64_t x = 0; x < D; x++) {
+                    float a = qs[x];
+                    for (int64_t s = 0; s < live; s++) scores[s] = scores[s] + a * P[s * sp2 + x];
+                }
             }
             const float *mask = intra_mask + (h * C + j) * C;
-            for (int64_t s = 0; s < C; s++) scores[s] = scores[s] * mask[s];
-            for (int64_t e = 0; e < D; e++) { acc[e] = 0.0f; acc2[e] = 0.0f; }
-            for (int64_t s = 0; s < C; s++) {
-                float a = scores[s];
-                const float *vs = P + s * sp2 + D;
-                for (int64_t e = 0; e < D; e++) acc[e] = acc[e] + a * vs[e];
-            }
-            for (int64_t x = 0; x < D; x++) {
-                float a = qd[x];
-                const float *sx = S + x * ss2;
-                for (int64_t e = 0; e < D; e++) acc2[e] = acc2[e] + a * sx[e];
-            }
+            for (int64_t s = 0; s < live; s++) scores[s] = scores[s] * mask[s];
+            weighted_rows(scores, P + D, sp2, live, D, acc);     /* intra[e] */
+            weighted_rows(qd, S, ss2, D, D, acc2);               /* inter[e] */
             int64_t oo = (b * H + h) * D;
             for (int64_t e = 0; e < D; e++) store_f32(out, oo + e, acc2[e] + acc[e], fp32_io);
             if (j == C - 1) {
