@@ -97,3 +97,25 @@ def test_int32_noise_equals_the_int64_form():
         assert_bits_equal(noise, _gumbel_noise_int64(seeds, positions, vocab), f"noise vocab {vocab}")
         lp = torch.log_softmax(torch.randn(64, vocab, generator=gen), -1)
         assert torch.equal(sample(lp, seeds, positions), (noise + lp.double()).argmax(-1))
+
+
+def test_c_draw_is_the_torch_forms_draw():
+    """fp32 CPU rows draw in C (csrc/gumbel.c: the same hash and noise with libm's log, and
+    only candidate tokens get a log); the torch form (float64 noise over the whole row, then
+    argmax) is the definition. Same tokens: peaked, flat and temperature-like rows, masked
+    (-inf) tokens, an all-masked row (token 0, as argmax), a NaN row (its first NaN), big
+    vocabularies, extreme seeds and positions."""
+    from rollout.sampling import _draw_c, gumbel_noise
+    gen = torch.Generator().manual_seed(11)
+    for vocab, rows, scale in ((32000, 48, 2.0), (32000, 48, 0.05), (157184, 6, 1.0), (128, 256, 8.0), (1, 4, 1.0)):
+        lp = torch.log_softmax(torch.randn(rows, vocab, generator=gen) * scale, -1)
+        lp[1, ::3] = float("-inf")
+        lp[2] = float("-inf")
+        lp[3, vocab // 2:] = float("nan")
+        seeds = torch.randint(0, 2 ** 62, (rows,), generator=gen)
+        seeds[:2] = torch.tensor([0, 2 ** 63 - 1])
+        positions = torch.randint(0, 1 << 20, (rows,), generator=gen)
+        want = (gumbel_noise(seeds, positions, vocab) + lp.double()).argmax(-1)
+        got = _draw_c(lp, seeds, positions)
+        assert torch.equal(got, want), f"vocab {vocab} scale {scale}: rows {(got != want).nonzero().flatten().tolist()}"
+        assert torch.equal(sample(lp, seeds, positions), got)

@@ -3,12 +3,14 @@
 What breaks invariance in plain torch on CPU, measured here, and what we do instead:
   - `torch.mm` picks its blocking and threading from M (fp32 rows differ for M<16 vs 1000;
     bf16 rows differ at M=64 and 257; with 2 threads a lone GEMM splits work differently):
-    every contraction has a fixed per-matrix shape — bf16 projections one oneDNN (AMX) call
-    per fixed 32-row tile (`matmul.linear`), fp32 products through `matmul.bmm_fixed` (rows
-    padded to a fixed tile, at least two matrices per call so threads split the batch); the
-    attention kernels' products through `rows.bmm_rows`, our own C loop (csrc/rows.c, built
-    once per machine with the system C compiler) whose every element is one sum in a defined
-    order, so a decode step computes only its own rows.
+    products of bf16 operands (projections, experts, router, lm_head) run our own AMX tile
+    kernel (`tiles.py`, csrc/tiles.c), whose every element is one fixed chain of tile ops
+    over k at any M (without AMX: one oneDNN call per fixed 32-row tile); fp32 products
+    through `matmul.bmm_fixed` (rows padded to a fixed tile, at least two matrices per call
+    so threads split the batch); the attention kernels' products and the RMSNorm statistic
+    through `rows.bmm_rows`, our own C loop whose every element is one sum in a defined
+    order, so a decode step computes only its own rows. (csrc/*.c is built once per machine
+    with the system C compiler.)
   - `torch.sigmoid`, `F.silu` and `torch.pow` take a scalar path for the tail of a
     vector loop, so an element's bits depend on its position in the tensor: we build them
     from `exp`, `+`, `/` and `*`, which are position-independent (tests/test_kernels_*).
@@ -17,10 +19,12 @@ What breaks invariance in plain torch on CPU, measured here, and what we do inst
   - MKL's vector math (ATen's exp/cos/sin/... on CPU) chooses its code path on its first
     call, racily when that call is split across threads: `vml.warm_up_vml` makes it once,
     single-threaded, when this backend loads.
-  - oneDNN runs other (non-AMX) bf16 kernels, with other bits, in a process the OS refused
-    AMX: `amx.request` asks for it when this backend loads; the build fingerprint reports it.
-Speed (the rollout engine's decode step is many small ops): the decode steps of both attention
-kinds run in C (csrc/lightning_decode.c, attention_decode.c: the general path's arithmetic on
+  - AMX needs the OS's permission per process (refused, the bf16 products would take the
+    oneDNN path with other bits): `amx.request` asks when this backend loads; the build
+    fingerprint reports it.
+Speed (the rollout engine's decode step is many small ops): weights are read once per product
+at decode sizes (the tile kernel; a MoE layer's experts in two grouped calls); the decode
+steps of both attention kinds run in C (csrc/lightning_decode.c, attention_decode.c: the general path's arithmetic on
 a step's own rows), and without autograd RMSNorm, RoPE and the router's top-k run as one C pass
 each (csrc/norm_rope.c, route.c) with the torch forms' bits, which the trainer keeps; tests
 compare every pair of forms bit for bit (`native.py` builds the C once per machine).

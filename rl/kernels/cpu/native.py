@@ -24,6 +24,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(sorted(CSRC.glob("*.c")))
 HEADERS = tuple(sorted(CSRC.glob("*.h")))
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-std=c11", "-shared", "-fPIC")
+LIBS = ("-lm",)
 
 
 class NativeBuildError(RuntimeError):
@@ -61,7 +62,7 @@ def _cpu_identity() -> str:
 def library_path() -> Path:
     """Build (if needed) and return the shared library's path."""
     cc = _compiler()
-    digest = hashlib.sha256("\0".join((cc, _cpu_identity()) + FLAGS).encode())
+    digest = hashlib.sha256("\0".join((cc, _cpu_identity()) + FLAGS + LIBS).encode())
     for source in SOURCES + HEADERS:
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     name = f"lockstep-cpu-{digest.hexdigest()[:16]}.so"
@@ -77,7 +78,7 @@ def library_path() -> Path:
         except OSError as err:
             errors.append(f"{directory}: {err}")
             continue
-        result = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
+        result = subprocess.run([cc, *FLAGS, *map(str, SOURCES), *LIBS, "-o", tmp], capture_output=True, text=True)
         if result.returncode != 0:
             os.unlink(tmp)
             raise NativeBuildError(f"compiling {', '.join(map(str, SOURCES))} with {cc} failed "
