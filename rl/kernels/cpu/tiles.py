@@ -9,8 +9,9 @@ kernel is single-threaded). This is `linear`'s product for bf16 operands whereve
 has AMX (`available`): projections and experts (bf16 out) and the fp32-output products of bf16
 operands (lm_head, router, value head) — the trainer and the rollout engine run the same
 kernel at every M. The weight is packed into VNNI tiles first (`pack`: the rollout engine keeps
-the packed copy, the trainer packs per call). Weight bytes stream once per call for small M
-(decode), which is what makes decode steps fast.
+the packed copy, the trainer packs per call). The weight is read from memory once per call, in
+chunks of column groups that stay in L2 while every 16-row block of x passes them: decode
+steps stream their weights at memory speed, prefill and training reuse each chunk from cache.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@
 #define GROUP 4                   /* tiles (panels) per column group: 4 accumulator tiles */
 #define KBLOCK 32                 /* k per TDPBF16PS */
 #define ROWS 16                   /* rows per x tile */
-#define X_IN_CACHE (1 << 20)      /* padded x bytes up to which each column group sweeps all rows */
+#define W_CHUNK_BYTES (512 << 10) /* packed weight bytes a chunk of column groups may hold */
 
 #define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
 
@@ -128,25 +128,20 @@ AMX_TARGET int tiles_product(int64_t m, int64_t n, int64_t k, const uint16_t *x,
     }
     float sums[ROWS][GROUP * PANEL] __attribute__((aligned(64)));
     size_t esize = out_fp32 ? 4 : 2;
+    /* column groups in chunks whose weights stay in L2 while every row block passes them:
+       each weight byte comes from memory once, x once per chunk */
+    int64_t chunk = W_CHUNK_BYTES / (GROUP * PANEL * kpad * 2);
+    if (chunk < 1) chunk = 1;
+    chunk *= GROUP * PANEL;
     configure();
-    if (mpad * kpad * 2 <= X_IN_CACHE) {    /* each weight group read once, x from cache */
-        for (int64_t g0 = 0; g0 < n; g0 += GROUP * PANEL) {
-            int64_t panels = (n - g0 + PANEL - 1) / PANEL;
-            if (panels > GROUP) panels = GROUP;
-            for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
-                block(a + r0 * lda, lda, kpad, packed + g0 * 2 * pairs, panels, sums);
-                write_rows(sums, m - r0 < ROWS ? m - r0 : ROWS, g0, n, (char *)out + r0 * ldo * esize, ldo, out_fp32);
-            }
-        }
-    } else {                                /* large x: each row block sweeps the weight */
+    for (int64_t c0 = 0; c0 < n; c0 += chunk)
         for (int64_t r0 = 0; r0 < m; r0 += ROWS)
-            for (int64_t g0 = 0; g0 < n; g0 += GROUP * PANEL) {
+            for (int64_t g0 = c0; g0 < n && g0 < c0 + chunk; g0 += GROUP * PANEL) {
                 int64_t panels = (n - g0 + PANEL - 1) / PANEL;
                 if (panels > GROUP) panels = GROUP;
                 block(a + r0 * lda, lda, kpad, packed + g0 * 2 * pairs, panels, sums);
                 write_rows(sums, m - r0 < ROWS ? m - r0 : ROWS, g0, n, (char *)out + r0 * ldo * esize, ldo, out_fp32);
             }
-    }
     _tile_release();
     free(copy);
     return 0;
