@@ -7,9 +7,10 @@ run. Prints JSON: generated tokens/s per engine and the ratio ours / stock.
 Workload per model: `--prompts` prompts of mixed lengths (16..80 tokens), `--new-tokens`
 tokens each (no stop tokens, so every engine generates exactly the same count), sampling
 at T = 1 with the sampled token's logprob returned (what RL needs). Each engine first runs a
-warm-up batch; `--repeats` timed batches follow (the best is reported, all are listed: the
-machine's speed drifts between runs). Engines run one at a time with the same settings:
-eager mode, prefix caching off, same max_num_seqs and KV-cache bytes.
+warm-up batch; then `--repeats` rounds of one timed batch per engine, engines in turn, so that
+every engine sees the same drift of this machine's speed; each engine's best batch is reported
+and all are listed. Same settings everywhere: eager mode, prefix caching off, same
+max_num_seqs and KV-cache bytes.
 
 The stock Qwen2 matches the layer count, hidden size, heads, KV heads, head_dim and vocab;
 its dense MLP width is our per-token active MLP width (top-k + shared experts times the
@@ -53,40 +54,59 @@ def make_prompts(num: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def bench_lockstep(config_path: Path, prompts, new_tokens: int, check_samples: int | None, kernels: str,
-                   trace: Path | None = None, repeats: int = 1) -> dict:
-    from rl.model.checkpoint import load_model
-    from rollout.parity import mismatches
-    from rollout.worker import RolloutWorker
-    worker = RolloutWorker(config_path, seed=0, temperature=1.0, engine=ENGINE, kernels=kernels)
-    try:
-        worker.generate(prompts[:4], {"max_new_tokens": 8, "seed": 0})             # warm-up
+class LockstepEngine:
+    """Our model in a RolloutWorker (the plugin, or rl.kernels' `stock` ops): warmed up when
+    made; `timed()` runs the timed batch once; `result()` checks the first timed batch's
+    logprobs against the trainer forward (lockstep kernels) and sums up."""
+
+    def __init__(self, config_path: Path, prompts, new_tokens: int, check_samples: int | None, kernels: str,
+                 trace: Path | None = None):
+        from rollout.worker import RolloutWorker
+        self.prompts, self.new_tokens, self.check_samples, self.kernels, self.trace = \
+            prompts, new_tokens, check_samples, kernels, trace
+        self.worker = RolloutWorker(config_path, seed=0, temperature=1.0, engine=ENGINE, kernels=kernels)
+        self.worker.generate(prompts[:4], {"max_new_tokens": 8, "seed": 0})        # warm-up
+        self.first, self.runs = None, []
+
+    def timed(self) -> None:
+        trace = self.trace if self.first is None else None
         if trace is not None:
-            worker.trace_engine(trace)
-        batch = worker.generate(prompts, {"max_new_tokens": new_tokens, "seed": 1})
+            self.worker.trace_engine(trace)
+        batch = self.worker.generate(self.prompts, {"max_new_tokens": self.new_tokens, "seed": 1})
         if trace is not None:
-            worker.trace_engine(None)
-        timed = [batch.stats] + [worker.generate(prompts, {"max_new_tokens": new_tokens, "seed": 1}).stats
-                                 for _ in range(repeats - 1)]
-        check = type(batch)(samples=batch.samples[:check_samples], weight_version=batch.weight_version,
+            self.worker.trace_engine(None)
+        self.first = self.first or batch
+        self.runs.append((batch.stats["new_tokens"], batch.stats["seconds"]))
+
+    def result(self) -> dict:
+        from rl.model.checkpoint import load_model
+        from rollout.parity import mismatches
+        batch, trace = self.first, self.trace
+        check = type(batch)(samples=batch.samples[:self.check_samples], weight_version=batch.weight_version,
                             temperature=batch.temperature)
         problems = []
-        if kernels == "lockstep":
-            model = load_model(worker.checkpoint).eval()
+        if self.kernels == "lockstep":
+            model = load_model(self.worker.checkpoint).eval()
             problems = mismatches(check, model, 1.0)
             if problems and trace is not None:
-                problems.append(_recompute_report(trace, check, model, worker.checkpoint))
+                problems.append(_recompute_report(trace, check, model, self.worker.checkpoint))
                 problems.append(_replay_report(trace, model))
         if problems:
             raise SystemExit("lockstep engine logprobs differ from the trainer forward; refusing to "
                              "report throughput:\n" + "\n".join(problems))
-        best = max(timed, key=lambda stats: stats["tokens_per_s"])
-        return {"tokens": best["new_tokens"], "seconds": best["seconds"], "tokens_per_s": best["tokens_per_s"],
-                "tokens_per_s_runs": [stats["tokens_per_s"] for stats in timed], "startup_s": worker.startup_s,
-                "parity_checked_samples": len(check.samples) if kernels == "lockstep" else 0,
+        return {**_best(self.runs), "startup_s": self.worker.startup_s,
+                "parity_checked_samples": len(check.samples) if self.kernels == "lockstep" else 0,
                 "traced": trace is not None}
-    finally:
-        worker.shutdown()
+
+    def close(self) -> None:
+        self.worker.shutdown()
+
+
+def _best(runs: list[tuple[int, float]]) -> dict:
+    """The fastest of the timed batches (tokens, seconds), and every batch's tokens/s."""
+    tokens, seconds = max(runs, key=lambda run: run[0] / run[1])
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "tokens_per_s_runs": [n / t for n, t in runs]}
 
 
 def _recompute_report(trace: Path, check, model, checkpoint) -> str:
@@ -179,35 +199,59 @@ def decode_step_bytes(cfg, arch: str, batch: int, context: int, intermediate: in
     return {"weights": int(weights), "per_sequence": int(per_seq * batch), "total": int(weights + per_seq * batch)}
 
 
-def bench_stock(config: dict, cfg, prompts, new_tokens: int, repeats: int = 1) -> dict:
-    from vllm import LLM, SamplingParams
-    directory = Path(tempfile.mkdtemp(prefix="lockstep-bench-stock-"))
-    (directory / "config.json").write_text(json.dumps(config))
-    started = time.perf_counter()
-    llm = LLM(model=str(directory), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              enforce_eager=True, seed=0, enable_prefix_caching=False, max_num_seqs=ENGINE["max_num_seqs"],
-              kv_cache_memory_bytes=ENGINE["kv_cache_bytes"], gpu_memory_utilization=0.5,
-              max_model_len=cfg.max_position_embeddings, generation_config="vllm")
-    startup = time.perf_counter() - started
+class StockEngine:
+    """A stock vLLM model (random weights) in this process's LLM, warmed up when made; the
+    same interface as LockstepEngine."""
+
+    def __init__(self, config: dict, cfg, prompts, new_tokens: int):
+        from vllm import LLM
+        self.config, self.prompts, self.new_tokens = config, prompts, new_tokens
+        self.directory = Path(tempfile.mkdtemp(prefix="lockstep-bench-stock-"))
+        (self.directory / "config.json").write_text(json.dumps(config))
+        started = time.perf_counter()
+        self.llm = LLM(model=str(self.directory), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                       enforce_eager=True, seed=0, enable_prefix_caching=False, max_num_seqs=ENGINE["max_num_seqs"],
+                       kv_cache_memory_bytes=ENGINE["kv_cache_bytes"], gpu_memory_utilization=0.5,
+                       max_model_len=cfg.max_position_embeddings, generation_config="vllm")
+        self.startup_s = time.perf_counter() - started
+        self.runs = []
+        self._run(prompts[:4], 8)                                                      # warm-up
+
+    def _run(self, batch, n):
+        from vllm import SamplingParams
+        params = SamplingParams(temperature=1.0, max_tokens=n, logprobs=0, detokenize=False)
+        return self.llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+
+    def timed(self) -> None:
+        t0 = time.perf_counter()
+        outs = self._run(self.prompts, self.new_tokens)
+        self.runs.append((sum(len(o.outputs[0].token_ids) for o in outs), time.perf_counter() - t0))
+
+    def result(self) -> dict:
+        return {**_best(self.runs), "startup_s": self.startup_s, "architecture": self.config["architectures"][0],
+                "intermediate_size": self.config["intermediate_size"]}
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def run_interleaved(makers: dict, repeats: int) -> dict:
+    """Start every engine, then `repeats` rounds of one timed batch each, engines in turn (the
+    machine's speed drifts over minutes: interleaving exposes every engine to the same drift);
+    returns each engine's result."""
+    engines = {}
     try:
-        def run(batch, n):
-            params = SamplingParams(temperature=1.0, max_tokens=n, logprobs=0, detokenize=False)
-            return llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
-        run(prompts[:4], 8)                                                            # warm-up
-        timed = []
+        for name, make in makers.items():
+            engines[name] = make()
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            outs = run(prompts, new_tokens)
-            seconds = time.perf_counter() - t0
-            timed.append((sum(len(o.outputs[0].token_ids) for o in outs), seconds))
-        tokens, seconds = max(timed, key=lambda run_: run_[0] / run_[1])
-        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                "tokens_per_s_runs": [n / t for n, t in timed], "startup_s": startup,
-                "architecture": config["architectures"][0], "intermediate_size": config["intermediate_size"]}
+            for engine in engines.values():
+                engine.timed()
+        return {name: engine.result() for name, engine in engines.items()}
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        shutil.rmtree(directory, ignore_errors=True)
+        for engine in engines.values():
+            engine.close()
 
 
 def main() -> int:
@@ -225,8 +269,8 @@ def main() -> int:
     parser.add_argument("--no-ling", dest="ling", action="store_false",
                         help="skip vLLM's own BailingMoeV2 (stock MoE of the same size)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timed batches per engine (same prompts and seeds); the best tokens/s is "
-                             "reported, all are listed: this machine's speed drifts between runs")
+                        help="rounds of one timed batch per engine, engines in turn (same prompts and "
+                             "seeds); each engine's best tokens/s is reported, all are listed")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from rl.model.config import load_model_config
@@ -239,21 +283,26 @@ def main() -> int:
         new_tokens = args.new_tokens or defaults.get(name, (16, 64))[1]
         prompts = make_prompts(num_prompts, cfg.vocab_size)
         trace = Path(args.trace) / name if args.trace else None
-        ours = bench_lockstep(config_path, prompts, new_tokens, args.check_samples, "lockstep", trace, args.repeats)
-        stock = bench_stock(qwen2_config(cfg), cfg, prompts, new_tokens, args.repeats)
+        makers = {"lockstep": lambda: LockstepEngine(config_path, prompts, new_tokens, args.check_samples,
+                                                     "lockstep", trace),
+                  "stock_qwen2": lambda: StockEngine(qwen2_config(cfg), cfg, prompts, new_tokens)}
+        if args.ling:
+            makers["stock_ling_moe"] = lambda: StockEngine(ling_moe_config(cfg), cfg, prompts, new_tokens)
+        if args.stock_ops:
+            # our model in the same plugin with rl.kernels' `stock` mode (plain torch ops):
+            # separates the integration's cost from the invariant kernels' price
+            makers["our_model_stock_ops"] = lambda: LockstepEngine(config_path, prompts, new_tokens, 0, "stock")
+        runs = run_interleaved(makers, args.repeats)
+        ours, stock = runs["lockstep"], runs["stock_qwen2"]
         entry = {"prompts": num_prompts, "new_tokens": new_tokens, "prompt_tokens": sum(map(len, prompts)),
                  "lockstep": ours, "stock_qwen2": stock,
                  "ratio_tokens_per_s": ours["tokens_per_s"] / stock["tokens_per_s"]}
         if args.ling:
-            ling = bench_stock(ling_moe_config(cfg), cfg, prompts, new_tokens, args.repeats)
-            entry["stock_ling_moe"] = ling
-            entry["ratio_vs_ling_moe"] = ours["tokens_per_s"] / ling["tokens_per_s"]
+            entry["stock_ling_moe"] = runs["stock_ling_moe"]
+            entry["ratio_vs_ling_moe"] = ours["tokens_per_s"] / runs["stock_ling_moe"]["tokens_per_s"]
         if args.stock_ops:
-            # our model in the same plugin with rl.kernels' `stock` mode (plain torch ops):
-            # separates the integration's cost from the invariant kernels' price
-            plain = bench_lockstep(config_path, prompts, new_tokens, 0, "stock", repeats=args.repeats)
-            entry["our_model_stock_ops"] = plain
-            entry["ratio_stock_ops_vs_qwen2"] = plain["tokens_per_s"] / stock["tokens_per_s"]
+            entry["our_model_stock_ops"] = runs["our_model_stock_ops"]
+            entry["ratio_stock_ops_vs_qwen2"] = runs["our_model_stock_ops"]["tokens_per_s"] / stock["tokens_per_s"]
         context = sum(map(len, prompts)) // num_prompts + new_tokens // 2
         step = {"ours": decode_step_bytes(cfg, "ours", num_prompts, context),
                 "stock_qwen2": decode_step_bytes(cfg, "qwen2", num_prompts, context,
