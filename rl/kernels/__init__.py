@@ -8,8 +8,8 @@ sides. Ops (shapes in each backend's docstrings):
     lightning_attention, moe_route, moe_experts, silu, logprobs, log_softmax_logits
 
 and `prepack(weights)` / `prepack_fused(groups)` / `prepack_experts(gate_w, up_w, down_w)`,
-which an inference engine calls after loading weights (cpu: keeps oneDNN's packed layout of
-bf16 weights, projections of one input stacked into one product (`fused_linear`), and each MoE
+which an inference engine calls after loading weights (cpu: keeps the bf16 product's packed
+layout of the weights, projections of one input stacked into one product (`fused_linear`), and each MoE
 layer's experts stacked for decode batches; same bits).
 
 Contract (DESIGN.md §2; each property has a bitwise test): batch invariance, prefill/decode

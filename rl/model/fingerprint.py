@@ -57,7 +57,8 @@ def hardware(device: str | torch.device = "cpu") -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"cuda: {torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-    # oneDNN picks its bf16 kernels by these (AMX vs AVX512-BF16 give other bits; measured)
+    # the bf16 products follow these (AMX: our tile kernel; else oneDNN's AVX512-BF16 kernels,
+    # other bits; measured)
     flags = [name for name, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_tile", "_is_amx_tile_supported"),
                                       ("amx_fp16", "_is_amx_fp16_supported"))
              if getattr(torch.cpu, probe, lambda: False)()]

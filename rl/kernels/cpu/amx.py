@@ -7,7 +7,8 @@ AVX512-BF16 kernels for the rest of the process, silently, with other bits (meas
 sigaltstack on the main thread before the first product moved one logprob of `small` from
 -10.2358 to -10.2915). The cpu backend asks when it loads, usually before other libraries
 start threads; `permitted()` reports the outcome for the build fingerprint, so a process
-running without AMX on an AMX machine shows up as other hardware.
+running without AMX on an AMX machine shows up as other hardware. Our own bf16 product
+(`tiles.py`) runs only where `permitted()` (else the oneDNN path, with other bits).
 """
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor | None, packed=None,
 
 
 # -- copies derived from weights, kept for inference -------------------------------------------
-# One freshness rule for every such copy (oneDNN packs here, stacked experts in moe.py): a copy
+# One freshness rule for every such copy (weight packs here, stacked experts in moe.py): a copy
 # records the very tensors it was made from and their version counters, and is used only while
 # each source is the same object at the same version. It is built only where an inference
 # engine asks (`prepack`, `moe.prepack_experts`), never lazily in a forward: a trainer's weights
@@ -152,12 +152,13 @@ def current_derived(holder: torch.Tensor, key: str, sources):
     return value
 
 
-# oneDNN re-orders a bf16 weight into its AMX layout on every `torch.mm`; for a weight that
-# does not change (the rollout engine between weight updates) the re-ordered copy can be kept.
-# The product is the same oneDNN kernel on the same tiles, so the bits are the unpacked
-# product's (tests/test_kernels_invariance.py checks every model shape, 1/2/4 threads); the
-# trainer never packs.
-_PACK_ATTR = "_lockstep_onednn_pack"
+# Both bf16 products read the weight in a re-ordered layout: the tile kernel in its VNNI tiles
+# (`tiles.pack`), oneDNN in its own (re-ordered on every `torch.mm`). For a weight that does not
+# change (the rollout engine between weight updates) the re-ordered copy can be kept. The
+# product is the same kernel on the same tiles, so the bits are the unpacked product's
+# (tests/test_kernels_invariance.py checks every model shape, 1/2/4 threads); the trainer never
+# packs (the tile kernel packs per call).
+_PACK_ATTR = "_lockstep_weight_pack"
 # the resolved overloads: calling through the op packet costs ~20 us of Python per call
 try:
     _packed_linear = torch.ops.mkldnn._linear_pointwise.default
@@ -167,8 +168,9 @@ except (AttributeError, RuntimeError):       # a torch build without oneDNN: nev
 
 
 def prepack(weights) -> int:
-    """Keep a oneDNN-packed copy of each 2D bf16 CPU weight for `linear`; returns how many.
-    Call again after the weights change (a stale pack is never used, only wasted)."""
+    """Keep a packed copy (tile kernel's layout with AMX, else oneDNN's) of each 2D bf16 CPU
+    weight for `linear`; returns how many. Call again after the weights change (a stale pack
+    is never used, only wasted)."""
     if not _can_pack():
         return 0
     count = 0
@@ -204,7 +206,7 @@ _FUSED_ATTR = "_lockstep_fused_pack"
 
 def prepack_fused(groups) -> list[bool]:
     """Inference only: for each group of 2D bf16 CPU weights [N_i, K] (same K), keep one
-    oneDNN-packed copy of the group stacked by rows, for `fused_linear`. Returns, per group,
+    packed copy of the group stacked by rows, for `fused_linear`. Returns, per group,
     whether it was kept (the caller need not pack those weights one by one)."""
     kept = []
     for group in groups:
