@@ -43,7 +43,7 @@ def _functions():
     product.restype = ctypes.c_int
     product.argtypes = [_I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
     groups.restype = ctypes.c_int
-    groups.argtypes = [_I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int]
+    groups.argtypes = [_I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
     return size, pack_fn, product, groups
 
 
@@ -105,7 +105,7 @@ def product_groups(x: torch.Tensor, counts: list[int], packed: Packed, parts: in
     rows = torch.tensor(counts, dtype=torch.int64)
     out = torch.empty((x.shape[0], n), dtype=out_dtype)
     if x.shape[0] and _functions()[3](parts, rows.data_ptr(), n, k, x.data_ptr(), x.stride(0), packed.data.data_ptr(),
-                                      n * (-(-k // 32) * 32), out.data_ptr(), out.stride(0),
+                                      out.data_ptr(), out.stride(0),
                                       int(out_dtype == torch.float32)) != 0:
         raise MemoryError("tiles.product_groups: no scratch memory")
     return out

@@ -149,11 +149,12 @@ AMX_TARGET int tiles_product(int64_t m, int64_t n, int64_t k, const uint16_t *x,
 
 /* The products of consecutive row groups of x with consecutive parts of one packed weight
    (rows[g] rows of x times part g, each part n rows of the packed weight, n a multiple of 64
-   so that a part's packed form is contiguous, part_stride elements apart): one call for all
+   so that a part's packed form is contiguous, n * padded K elements long): one call for all
    of a MoE layer's experts, each element the same chain as in `tiles_product`. */
 AMX_TARGET int tiles_product_groups(int64_t groups, const int64_t *rows, int64_t n, int64_t k,
                                     const uint16_t *x, int64_t ldx, const uint16_t *packed,
-                                    int64_t part_stride, void *out, int64_t ldo, int out_fp32) {
+                                    void *out, int64_t ldo, int out_fp32) {
+    int64_t part_stride = n * padded_k(k);
     size_t esize = out_fp32 ? 4 : 2;
     int64_t r0 = 0;
     for (int64_t g = 0; g < groups; g++) {
