@@ -51,8 +51,10 @@ def main() -> int:
     num_prompts, new_tokens = WORKLOAD[args.model]
     prompts = make_prompts(num_prompts, model.config.vocab_size)
 
-    # time every op the layers call (`K.<op>`, looked up at each call), only in decode steps
+    # time every op the layers call (`K.<op>`, looked up at each call), per phase: decode steps
+    # (one new token per sequence) and the rest (prefill)
     in_decode, op_time, op_calls = [False], collections.defaultdict(float), collections.Counter()
+    prefill_time, prefill_op_time = [0.0], collections.defaultdict(float)
     originals = {name: getattr(K, name) for name in OPS}
     for name in OPS:
         def timed(*a, _op=originals[name], _name=name, **kw):
@@ -61,6 +63,8 @@ def main() -> int:
             if in_decode[0]:
                 op_time[_name] += time.perf_counter() - start
                 op_calls[_name] += 1
+            else:
+                prefill_op_time[_name] += time.perf_counter() - start
             return out
         setattr(K, name, timed)
     forward = model.forward_tokens
@@ -74,6 +78,8 @@ def main() -> int:
         finally:
             if in_decode[0]:
                 step_times.append(time.perf_counter() - start)
+            else:
+                prefill_time[0] += time.perf_counter() - start
             in_decode[0] = False
     model.forward_tokens = timed_forward
 
@@ -83,6 +89,8 @@ def main() -> int:
             step_times.clear()
             op_time.clear()
             op_calls.clear()
+            prefill_time[0] = 0.0
+            prefill_op_time.clear()
             gens = reference.generate(model, prompts, new_tokens, 1.0, seed=1, block_size=PAGE[args.model])
             digest = hashlib.sha256()
             for g in gens:
@@ -93,6 +101,9 @@ def main() -> int:
                          "ops_ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in
                                              sorted(op_time.items(), key=lambda kv: -kv[1])},
                          "op_calls_per_step": {k: op_calls[k] / steps for k in op_time},
+                         "prefill_ms": 1e3 * prefill_time[0],
+                         "prefill_ops_ms": {k: round(1e3 * v, 3) for k, v in
+                                            sorted(prefill_op_time.items(), key=lambda kv: -kv[1])},
                          "digest": digest.hexdigest()})
     finally:
         for name, op in originals.items():

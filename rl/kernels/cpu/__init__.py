@@ -23,9 +23,10 @@ What breaks invariance in plain torch on CPU, measured here, and what we do inst
     oneDNN path with other bits): `amx.request` asks when this backend loads; the build
     fingerprint reports it.
 Speed (the rollout engine's decode step is many small ops): weights are read once per product
-at decode sizes (the tile kernel; a MoE layer's experts in two grouped calls); the decode
-steps of both attention kinds run in C (csrc/lightning_decode.c, attention_decode.c: the general path's arithmetic on
-a step's own rows), and without autograd RMSNorm, RoPE and the router's top-k run as one C pass
+at decode sizes (the tile kernel; a MoE layer's experts in two grouped calls); lightning
+attention with a state (every rollout forward) steps through the tokens in C
+(csrc/lightning_steps.c) and softmax attention's decode step runs in C (attention_decode.c),
+both the general path's arithmetic on a token's own rows; and without autograd RMSNorm, RoPE and the router's top-k run as one C pass
 each (csrc/norm_rope.c, route.c) with the torch forms' bits, which the trainer keeps; tests
 compare every pair of forms bit for bit (`native.py` builds the C once per machine).
 """

@@ -10,10 +10,14 @@ Decode keeps exactly this: the per-request state holds S at the last window boun
 the k/v of the ≤C-1 tokens since (fp32), and computes o_t as the window form does. Every
 product is `rows.bmm_rows` (each element one sum in increasing k, whatever the shapes), over
 a window's full C rows: q·kᵀ [., D] x [D, C], scores·v [., C] x [C, D], (q λ^{j+1})·S
-[., D] x [D, D], and the window's state update [D, C] x [C, D]. The general path computes
-query tiles of Q_TILE rows of a window (only the tiles that hold new tokens, only full
-windows' state updates); a decode step computes the token's own row, all of it in one C call
-(csrc/lightning_decode.c) that reads and updates S and the pending k/v in place in the pools.
+[., D] x [D, D], and the window's state update [D, C] x [C, D]. Two forms compute this:
+  - the general path (no state: the trainer's full forward, differentiable) takes query tiles
+    of Q_TILE rows of a window (only the tiles that hold tokens, only full windows' state
+    updates) through `bmm_rows`;
+  - with a state (every rollout forward: prefill, chunked prefill, decode) one C call
+    (csrc/lightning_steps.c) steps through each sequence's new tokens in order, computing a
+    token's own row with the same sums, and reads and updates S and the pending k/v in place
+    in the pools.
 So a token's bits are the same from a full forward, prefill + decode, chunked prefill at any
 split, or a recompute (tests/test_parity_prefill_decode.py).
 """
@@ -53,41 +57,48 @@ def _tables(log_decay_values: tuple[float, ...], chunk: int):
 
 
 @functools.lru_cache(maxsize=1)
-def _fused_decode():
-    fn = library().lightning_decode
+def _steps_kernel():
+    fn = library().lightning_steps
     fn.restype = None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = ([i64] * 4 + [ptr, i64, i64] * 3 + [ptr, i64, i64, i64] * 2 + [ptr] * 6
+    fn.argtypes = ([i64, ptr] + [i64] * 3 + [ptr, i64, i64] * 3 + [ptr, i64, i64, i64] * 2 + [ptr] * 6
                    + [ctypes.c_float, ctypes.c_int, ptr])
     return fn
 
 
-def _fused_decode_fits(q, k, v, state) -> bool:
-    """The dtypes and layouts the C decode step takes (else the general path runs)."""
-    return (q.dtype in (torch.bfloat16, torch.float32) and k.dtype == v.dtype == q.dtype
-            and all(t.dtype == torch.float32 and t.dim() == 4 and t.stride(-1) == 1 for t in state))
-
-
-def _decode_step(q, k, v, log_decay, batch: BatchMeta, state, c: int) -> torch.Tensor:
-    """One new token per sequence, with a state: the general path's arithmetic for this case on
-    the token's own query row only, in one C call (csrc/lightning_decode.c: the same products,
-    each element the sum `bmm_rows` defines, and the same element-wise steps), reading and
-    updating S and the pending k/v in place in the pools."""
+def _token_steps(q, k, v, log_decay, batch: BatchMeta, state, c: int) -> torch.Tensor:
+    """Every new token of every sequence with a state (prefill, chunked prefill, decode), one
+    token after another per sequence, in one C call (csrc/lightning_steps.c): for each token the
+    general path's arithmetic on its own query row (the same products, each element the sum
+    `bmm_rows` defines, and the same element-wise steps), reading and updating S and the
+    pending k/v in place in the pools."""
     n, h, d = q.shape
     s_pool, pend_pool = state
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("lightning_attention: a forward with a state (rollout) takes no gradients")
+    for name, pool, shape in (("S", s_pool, (h, d, d)), ("pending", pend_pool, (h, c, 2 * d))):
+        if pool.dtype != torch.float32 or pool.dim() != 4 or tuple(pool.shape[1:]) != shape or pool.stride(-1) != 1:
+            raise ValueError(f"lightning_attention: state {name} must be float32 [slots, {', '.join(map(str, shape))}] "
+                             f"with unit last stride, got {pool.dtype} {list(pool.shape)} strides {pool.stride()}")
+    io = q.dtype if q.dtype in (torch.bfloat16, torch.float32) else torch.float32   # others: fp32, exact
+    q, k, v = (t.to(io) if t.dtype != io else t for t in (q, k, v))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     q_decay, k_decay, intra_mask, window_decay = _tables(tuple(log_decay.tolist()), c)
-    slots, ctx = batch.state_indices.contiguous(), batch.context_lens.contiguous()
+    slots, ctx, starts = (t.to(torch.int64).contiguous()
+                          for t in (batch.state_indices, batch.context_lens, batch.query_start_loc))
     low, high = torch.aminmax(slots)          # the C call writes the pools without bounds checks
     if int(low) < 0 or int(high) >= min(s_pool.shape[0], pend_pool.shape[0]):
         raise ValueError(f"lightning_attention: state slots [{int(low)}, {int(high)}] outside the "
                          f"pools ({s_pool.shape[0]} slots)")
-    out = torch.empty((n, h, d), dtype=q.dtype)
-    _fused_decode()(n, h, d, c, q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+    if int(starts[-1]) != n:
+        raise ValueError(f"lightning_attention: query_start_loc ends at {int(starts[-1])}, q has {n} tokens")
+    out = torch.empty((n, h, d), dtype=io)
+    _steps_kernel()(batch.num_seqs, starts.data_ptr(), h, d, c,
+                    q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
                     v.data_ptr(), v.stride(0), v.stride(1), s_pool.data_ptr(), *s_pool.stride()[:3],
                     pend_pool.data_ptr(), *pend_pool.stride()[:3], slots.data_ptr(), ctx.data_ptr(),
                     q_decay.data_ptr(), k_decay.data_ptr(), intra_mask.data_ptr(), window_decay.data_ptr(),
-                    d ** -0.5, int(q.dtype == torch.float32), out.data_ptr())
+                    d ** -0.5, int(io == torch.float32), out.data_ptr())
     return out
 
 
@@ -95,69 +106,46 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
                         batch: BatchMeta, state=None, chunk_size: int = 64) -> torch.Tensor:
     """q, k, v [N, H, D] for the new tokens; log_decay [H] (log λ_h, fp32) -> o [N, H, D] q.dtype.
 
-    `state`: None (no context: the trainer) or a pair (S [slots, H, D, D] fp32,
+    `state`: None (no context: the trainer, differentiable) or a pair (S [slots, H, D, D] fp32,
     pending [slots, H, C, 2D] fp32) indexed by `batch.state_indices`, read and updated in
-    place. A sequence with `context_lens == 0` starts from a zero state whatever its slot
-    holds. Bitwise invariant to batch composition and to how a sequence is split into calls.
+    place (the rollout: no gradients). A sequence with `context_lens == 0` starts from a zero
+    state whatever its slot holds. Bitwise invariant to batch composition and to how a sequence
+    is split into calls.
     """
-    n, h, d = q.shape
     c = chunk_size
+    if state is not None:
+        return _token_steps(q, k, v, log_decay, batch, state, c).to(q.dtype)
+    n, h, d = q.shape
     tq = Q_TILE if c % Q_TILE == 0 else c
     dev = q.device
     num_seqs = batch.num_seqs
-    q_lens, ctx = batch.query_lens, batch.context_lens
-    if state is not None and n == num_seqs and _fused_decode_fits(q, k, v, state) and batch.is_decode():
-        return _decode_step(q, k, v, log_decay, batch, state, c)
-    pend_lens = ctx % c
+    q_lens = batch.query_lens
+    if int(batch.context_lens.max()) != 0:
+        raise ValueError("lightning_attention: context_lens > 0 needs a state")
     seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=dev), q_lens)
-    local = torch.arange(n, device=dev) - batch.query_start_loc[:-1][seq_idx]
-    offset = local + pend_lens[seq_idx]                       # position inside the windows
-    used = pend_lens + q_lens                                 # window positions in use
-    num_windows = max(1, -(-int(used.max()) // c))
+    offset = torch.arange(n, device=dev) - batch.query_start_loc[:-1][seq_idx]   # position in the windows
+    num_windows = max(1, -(-int(q_lens.max()) // c))
     length = num_windows * c
     heads = torch.arange(h, device=dev)[None, :]
 
-    # k/v of each sequence's windows [B, H, length, D] fp32, the state's pending tokens first.
-    # Positions past a sequence's last token are zero: never written here, and the pending
-    # buffer this function stores is zero past its tokens (a new request's slot is cleared).
+    # k/v of each sequence's windows [B, H, length, D] fp32; positions past a sequence's last
+    # token are zero
     where = (seq_idx[:, None], heads, offset[:, None])
-    if state is None:
-        if int(ctx.max()) != 0:
-            raise ValueError("lightning_attention: context_lens > 0 needs a state")
-        s0 = q.new_zeros((num_seqs, h, d, d), dtype=torch.float32)
-        kw = q.new_zeros((num_seqs, h, length, d), dtype=torch.float32).index_put(where, k.float())
-        vw = q.new_zeros((num_seqs, h, length, d), dtype=torch.float32).index_put(where, v.float())
-    else:                               # rollout (no autograd): fill buffers in place
-        s_pool, pend_pool = state
-        s0 = s_pool[batch.state_indices]
-        pend = pend_pool[batch.state_indices]                  # [B, H, C, 2D]
-        if num_windows == 1:            # decode and short chunks: the windows are the pending buffer
-            kw, vw = pend[..., :d], pend[..., d:]
-        else:
-            kw = q.new_zeros((num_seqs, h, length, d), dtype=torch.float32)
-            vw = torch.zeros_like(kw)
-            kw[:, :, :c] = pend[..., :d]
-            vw[:, :, :c] = pend[..., d:]
-        fresh = (ctx == 0).nonzero()[:, 0]
-        if fresh.numel():                # the slot holds whatever its previous owner left
-            s0[fresh] = 0.0
-            kw[fresh, :, :c] = 0.0
-            vw[fresh, :, :c] = 0.0
-        kw.index_put_(where, k.float())
-        vw.index_put_(where, v.float())
+    kw = q.new_zeros((num_seqs, h, length, d), dtype=torch.float32).index_put(where, k.float())
+    vw = q.new_zeros((num_seqs, h, length, d), dtype=torch.float32).index_put(where, v.float())
     kwin = kw.unflatten(2, (num_windows, c))                   # [B, H, W, C, D]
     vwin = vw.unflatten(2, (num_windows, c))
     q_decay, k_decay, intra_mask, window_decay = _tables(tuple(log_decay.tolist()), c)
 
-    # the state at each window start; a full window advances it by its k/v product, computed
-    # only for full windows (a decode step rarely completes one)
-    window_full = ((torch.arange(num_windows, device=dev)[None, :] + 1) * c) <= used[:, None]
+    # the state at each window start (zero at the first); a full window advances it by its k/v
+    # product, computed only for full windows
+    window_full = ((torch.arange(num_windows, device=dev)[None, :] + 1) * c) <= q_lens[:, None]
     full_seq, full_win = window_full.nonzero(as_tuple=True)
     if full_seq.numel():
         kf = kwin[full_seq, :, full_win] * k_decay[None, :, :, None]             # [F, H, C, D]
         kv = bmm_rows(kf.transpose(-1, -2).reshape(-1, d, c),
                        vwin[full_seq, :, full_win].reshape(-1, c, d)).view(-1, h, d, d)
-    starts, s = [], s0
+    starts, s = [], q.new_zeros((num_seqs, h, d, d), dtype=torch.float32)
     for w in range(num_windows):
         starts.append(s)
         sel = (full_win == w).nonzero()[:, 0]
@@ -165,7 +153,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
             rows = full_seq[sel]
             s = s.index_put((rows,), window_decay[None, :, None, None] * s[rows] + kv[sel])
 
-    # outputs only for the query tiles (tq rows of a window) that hold new tokens
+    # outputs only for the query tiles (tq rows of a window) that hold tokens
     tiles_per_window, tiles_per_seq = c // tq, length // tq
     tiles, token_tile = torch.unique(seq_idx * tiles_per_seq + offset // tq, return_inverse=True)
     t_seq, t_idx = tiles // tiles_per_seq, tiles % tiles_per_seq
@@ -174,38 +162,12 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     row = (offset % tq)[:, None]
     qt = q.new_zeros((u, h, tq, d), dtype=torch.float32)
     qt = qt.index_put((token_tile[:, None], heads, row), q.float() * (d ** -0.5))       # [U, H, tq, D]
-    one_tile_each = num_windows == 1 and u == num_seqs         # decode: tile i is sequence i's
-    if one_tile_each:
-        kt, vt, s_tiles = kw, vw, starts[0]
-    else:
-        kt, vt = kwin[t_seq, :, t_win], vwin[t_seq, :, t_win]                           # [U, H, C, D]
-        s_tiles = starts[0][t_seq] if num_windows == 1 else torch.stack(starts, 1)[t_seq, t_win]
+    kt, vt = kwin[t_seq, :, t_win], vwin[t_seq, :, t_win]                               # [U, H, C, D]
+    s_tiles = starts[0][t_seq] if num_windows == 1 else torch.stack(starts, 1)[t_seq, t_win]
     scores = bmm_rows(qt.reshape(-1, tq, d), kt.transpose(-1, -2).reshape(-1, d, c)).view(u, h, tq, c)
     scores = scores * intra_mask.view(h, tiles_per_window, tq, c)[:, t_in].transpose(0, 1)
     intra = bmm_rows(scores.reshape(-1, tq, c), vt.reshape(-1, c, d)).view(u, h, tq, d)
     q_dec = q_decay.view(h, tiles_per_window, tq)[:, t_in].transpose(0, 1)[..., None]  # [U, H, tq, 1]
     inter = bmm_rows((qt * q_dec).reshape(-1, tq, d), s_tiles.reshape(-1, d, d)).view(u, h, tq, d)
     out = (inter + intra)[token_tile[:, None], heads, row]     # [N, H, D]
-
-    if state is not None:
-        rem = used % c
-        slots = batch.state_indices
-        if num_windows == 1:     # write back only what changed: new k/v rows, cleared buffers
-            if fresh.numel():
-                pend_pool[slots[fresh]] = 0.0
-            pend_pool.index_put_((slots[seq_idx][:, None], heads, offset[:, None]),
-                                 torch.cat([k, v], -1).float())
-            done = (rem == 0).nonzero()[:, 0]                 # window completed: buffer empty
-            if done.numel():
-                pend_pool[slots[done]] = 0.0
-            changed = torch.unique(torch.cat([fresh, full_seq]))
-            if changed.numel():
-                s_pool[slots[changed]] = s[changed]
-        else:
-            last = torch.clamp(used - rem, max=length - c) // c   # the partial window (if any)
-            seqs = torch.arange(num_seqs, device=dev)
-            new_pend = torch.cat([kwin[seqs, :, last], vwin[seqs, :, last]], -1)  # [B, H, C, 2D]
-            new_pend[rem == 0] = 0.0                          # no partial window: empty
-            s_pool[slots] = s
-            pend_pool[slots] = new_pend
     return out.to(q.dtype)
