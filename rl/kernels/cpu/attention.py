@@ -13,10 +13,11 @@ Masked keys contribute exactly +0.0, so a row's bits do not depend on how many p
 blocks share the call: a decode row equals the same row inside a full prefill, chunked prefill
 at any split, or a recompute after preemption. K/V are written to the cache (in the cache
 dtype) before attention reads them; without a cache (the trainer), K/V are used as given,
-which is the same values because the cache dtype is the model dtype. Decode steps over pages
-of whole key blocks (vLLM's) take `_decode_paged`: the same per-block arithmetic on the step's
-query rows only and each sequence's own blocks only, read in place in the cache, summed as here,
-in two C calls (csrc/attention_decode.c) around ATen's exp.
+which is the same values because the cache dtype is the model dtype. Calls with a cache of
+pages of whole key blocks (vLLM's: every rollout forward, prefill and decode) take
+`_paged_rows`: the same per-block arithmetic on each new token's query rows and its own
+visible key blocks only, read in place in the cache, summed as here, in two C calls
+(csrc/attention_rows.c) around ATen's exp.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from rl.kernels.cpu.native import library
 from rl.kernels.cpu.rows import bmm_rows
 
 TILE_Q = 16
-BLOCK_K = 64          # csrc/attention_decode.c's BK
+BLOCK_K = 64          # csrc/attention_rows.c's BK
+Z_FLOATS = 1 << 23    # scores held at once by `_paged_rows` (32 MB)
 _C_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -116,22 +118,33 @@ def _key_blocks(kv: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Te
     return k_t, v
 
 
-def _paged_decode_indices(batch: BatchMeta, hkv: int, block_size: int, d2: int):
-    """What `_decode_paged` derives from the split and the block table alone, the same for
-    every softmax layer of a call (same KV heads, page size and head size): the number of key
-    blocks of the longest sequence; per sequence its first (sequence, block) pair [B+1]; per
-    (pair, KV head) the element offset of its BLOCK_K-position run in the cache [P*Hkv]."""
+def _paged_row_indices(batch: BatchMeta, hkv: int, hq: int, block_size: int, d2: int):
+    """What `_paged_rows` derives from the split and the block table alone, the same for every
+    softmax layer of a call (same heads, page size and head size): per (sequence, key block)
+    pair and KV head the element offset of its BLOCK_K-position run in the cache [P*Hkv]; per
+    query token its first pair, its key-block count, its position and position + 1 [N] each;
+    and the token ranges of the calls, (start, end, most key blocks), each with a z buffer of
+    at most Z_FLOATS (a long prefill's scores are not held all at once)."""
     dev = batch.context_lens.device
-    seq_lens = batch.seq_lens
-    have = (seq_lens + BLOCK_K - 1) // BLOCK_K                 # key blocks per sequence
+    have = (batch.seq_lens + BLOCK_K - 1) // BLOCK_K           # key blocks per sequence
     n_blocks = int(have.max())
     seq_of, blk_of = (torch.arange(n_blocks, device=dev)[None, :] < have[:, None]).nonzero(as_tuple=True)
     start = blk_of * BLOCK_K
     page = batch.block_table[seq_of, start // block_size].long()
     heads = torch.arange(hkv, device=dev)
     runs = (page[:, None] * hkv + heads[None, :]) * (block_size // BLOCK_K) + (start % block_size // BLOCK_K)[:, None]
-    pair_start = torch.cat([have.new_zeros(1), have.cumsum(0)])
-    return n_blocks, pair_start, (runs * (BLOCK_K * d2)).reshape(-1).contiguous()
+    seq_first = have.cumsum(0) - have
+    pos = batch.positions()
+    if batch.is_decode():
+        first = seq_first
+    else:
+        first = torch.repeat_interleave(seq_first, batch.query_lens)
+    count = pos // BLOCK_K + 1
+    rows_per_call = max(1, Z_FLOATS // (hq * n_blocks * BLOCK_K))
+    calls = [(r0, min(r0 + rows_per_call, pos.numel())) for r0 in range(0, pos.numel(), rows_per_call)]
+    calls = [(r0, r1, int(count[r0:r1].max())) for r0, r1 in calls]
+    return ((runs * (BLOCK_K * d2)).reshape(-1).contiguous(), first.contiguous(), count.contiguous(),
+            pos.contiguous(), (pos + 1).contiguous(), calls)
 
 
 def _check_runs(run_at: torch.Tensor, kv_cache: torch.Tensor) -> None:
@@ -144,45 +157,46 @@ def _check_runs(run_at: torch.Tensor, kv_cache: torch.Tensor) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _decode_kernels():
+def _row_kernels():
     lib = library()
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    scores, combine = lib.attn_decode_scores, lib.attn_decode_combine
+    scores, combine = lib.attn_rows_scores, lib.attn_rows_combine
     scores.restype = combine.restype = None
-    scores.argtypes = [i64] * 5 + [ptr, i64, i64, i32, ptr, i32, ptr, ptr, ptr, ctypes.c_float, ptr]
-    combine.argtypes = [i64] * 5 + [ptr, ptr, i32, ptr, ptr, ptr, i32, ptr]
+    scores.argtypes = [i64] * 5 + [ptr, i64, i64, i32, ptr, i32, ptr, ptr, ptr, ptr, ctypes.c_float, ptr]
+    combine.argtypes = [i64] * 5 + [ptr, ptr, i32, ptr, ptr, ptr, ptr, i32, ptr]
     return scores, combine
 
 
-def _decode_paged(q: torch.Tensor, batch: BatchMeta, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decode rows (one new token per sequence, its K/V already in the cache) with the general
-    path's arithmetic, computed only on the step's query rows and each sequence's own key
-    blocks, read in place in the cache, in two C calls (csrc/attention_decode.c) around ATen's
-    exp: scores minus the row max, p = exp, then the block sums and PV products summed block
-    by block in the general path's order (with the +0.0 of the blocks a sequence lacks)."""
+def _paged_rows(q: torch.Tensor, batch: BatchMeta, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """Every new token's query rows (its K/V and its sequence's context already in the cache)
+    with the general path's arithmetic, computed on that token's rows and its own visible key
+    blocks only, read in place in the cache, in two C calls (csrc/attention_rows.c) around
+    ATen's exp: scores minus the row max, p = exp, then the block sums and PV products summed
+    block by block in the general path's order (with the +0.0 of the blocks a row lacks)."""
     n, hq, d = q.shape
     _, hkv, block_size, d2 = kv_cache.shape
     group = hq // hkv
-    n_blocks, pair_start, run_at = batch.derived(
-        ("paged_decode", hkv, block_size, d2), lambda: _paged_decode_indices(batch, hkv, block_size, d2))
+    run_at, first, count, pos, lens, calls = batch.derived(
+        ("paged_rows", hkv, hq, block_size, d2), lambda: _paged_row_indices(batch, hkv, hq, block_size, d2))
     _check_runs(run_at, kv_cache)
     q = q if q.stride(-1) == 1 else q.contiguous()
-    ctx, seq_lens = batch.context_lens.contiguous(), batch.seq_lens.contiguous()
     cache_fp32, io_fp32 = int(kv_cache.dtype == torch.float32), int(q.dtype == torch.float32)
-    scores_fn, combine_fn = _decode_kernels()
-    z = torch.empty((n, hq, n_blocks * BLOCK_K), dtype=torch.float32)
-    scores_fn(n, hkv, group, d, n_blocks, q.data_ptr(), q.stride(0), q.stride(1), io_fp32, kv_cache.data_ptr(),
-              cache_fp32, run_at.data_ptr(), pair_start.data_ptr(), ctx.data_ptr(), scale, z.data_ptr())
-    p = z.exp_()
+    scores_fn, combine_fn = _row_kernels()
     out = torch.empty((n, hq, d), dtype=q.dtype)
-    combine_fn(n, hkv, group, d, n_blocks, p.data_ptr(), kv_cache.data_ptr(), cache_fp32, run_at.data_ptr(),
-               pair_start.data_ptr(), seq_lens.data_ptr(), io_fp32, out.data_ptr())
+    for r0, r1, n_blocks in calls:
+        z = torch.empty((r1 - r0, hq, n_blocks * BLOCK_K), dtype=torch.float32)
+        scores_fn(r1 - r0, hkv, group, d, n_blocks, q[r0:].data_ptr(), q.stride(0), q.stride(1), io_fp32,
+                  kv_cache.data_ptr(), cache_fp32, run_at.data_ptr(), first[r0:].data_ptr(), count[r0:].data_ptr(),
+                  pos[r0:].data_ptr(), scale, z.data_ptr())
+        p = z.exp_()
+        combine_fn(r1 - r0, hkv, group, d, n_blocks, p.data_ptr(), kv_cache.data_ptr(), cache_fp32, run_at.data_ptr(),
+                   first[r0:].data_ptr(), count[r0:].data_ptr(), lens[r0:].data_ptr(), io_fp32, out[r0:].data_ptr())
     return out
 
 
 def _sums_in_order(p: torch.Tensor) -> torch.Tensor:
     """Σ over the last dim of fp32 p [..., K] -> [...]: each row summed from +0 in increasing
-    order (`bmm_rows` with a ones column), the sums `_decode_paged` computes."""
+    order (`bmm_rows` with a ones column), the sums `_paged_rows` computes."""
     k = p.shape[-1]
     ones = torch.ones((1, k, 1), dtype=torch.float32, device=p.device)
     return bmm_rows(p.reshape(1, -1, k), ones).reshape(p.shape[:-1])
@@ -203,12 +217,12 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: 
     scale = d ** -0.5 if scale is None else scale
     q_lens, seq_lens = batch.query_lens, batch.seq_lens
     num_seqs = batch.num_seqs
+    if (kv_cache is not None and kv_cache.is_contiguous() and kv_cache.shape[2] % BLOCK_K == 0
+            and q.dtype in _C_DTYPES and kv_cache.dtype in _C_DTYPES):     # the rollout's calls
+        write_kv(kv_cache, k, v, batch.slot_mapping)
+        return _paged_rows(q, batch, kv_cache, scale)
     # one new token per sequence (decode): the rows need no scatter; same operands, same bits
     decode = kv_cache is not None and n == num_seqs and batch.is_decode()
-    if (decode and kv_cache.is_contiguous() and kv_cache.shape[2] % BLOCK_K == 0
-            and q.dtype in _C_DTYPES and kv_cache.dtype in _C_DTYPES):
-        write_kv(kv_cache, k, v, batch.slot_mapping)
-        return _decode_paged(q, batch, kv_cache, scale)
     len_k = _ceil_to(int(seq_lens.max()), BLOCK_K)
     n_blocks = len_k // BLOCK_K
     len_q = 1 if decode else int(q_lens.max())

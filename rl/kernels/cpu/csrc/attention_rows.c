@@ -1,15 +1,19 @@
-/* Softmax-attention decode rows over vLLM's paged KV cache (see rl/kernels/cpu/attention.py,
-   `_decode_paged`, and rows.c for the arithmetic rules): the general path's arithmetic on the
-   step's query rows and each sequence's own key blocks, read in place in the cache.
+/* Softmax-attention query rows over vLLM's paged KV cache (see rl/kernels/cpu/attention.py,
+   `_paged_rows`, and rows.c for the arithmetic rules): the general path's arithmetic on each
+   query token's rows and its own key blocks, read in place in the cache.
 
-   attn_decode_scores, per sequence b, query head qh (KV head qh / group), key position p in the
-   sequence's blocks (BK positions each, block i at element offset run_at[(pair_start[b] + i) *
-   hkv + kv head] of the cache, keys in [:, :D], values in [:, D:2D]):
+   Row b is one query token (a decode step's, or one of a prefill's: each row names its own
+   key blocks, count[b] of them from pair first[b], its last visible position ctx[b] and its
+   sequence length seq_lens[b]: a prefill row passes its position + 1, as its later keys have
+   p = 0, whose products with the (finite) values there leave its sums as they are).
+   attn_rows_scores, per row b, query head qh (KV head qh / group), key position p in the
+   row's blocks (BK positions each, block i at element offset run_at[(first[b] + i) * hkv +
+   kv head] of the cache, keys in [:, :D], values in [:, D:2D]):
        s = (sum_x q[x] * k_p[x]) * scale          (sum from +0 in increasing x, as bmm_rows)
    for p <= ctx[b] (visible), then m = the max of the visible s (0 when that is not finite),
    z = s - m for visible keys and -inf otherwise; z [n, hq, nbmax * BK].
    The caller takes p = exp(z) with torch (ATen's exp, as the general path does).
-   attn_decode_combine, per (b, qh) and block i: sum_i = sum_p p (+0, increasing p: the
+   attn_rows_combine, per (b, qh) and block i: sum_i = sum_p p (+0, increasing p: the
    bmm_rows sum with ones), pv_i[e] = sum_p p * v_p[e] (v past the sequence's end read as +0.0);
    denom = sum_0 + sum_1 + ..., out = pv_0 + pv_1 + ... in block order, with +0.0 added for
    each block up to nbmax the sequence lacks (the general path's zero blocks), denom 1 where not
@@ -31,15 +35,15 @@ static inline vf ld16(const void *p, int64_t at, int64_t n, int fp32) {
     return v;
 }
 
-void attn_decode_scores(int64_t n, int64_t hkv, int64_t group, int64_t D, int64_t nbmax,
+void attn_rows_scores(int64_t n, int64_t hkv, int64_t group, int64_t D, int64_t nbmax,
                         const void *q, int64_t sq0, int64_t sq1, int q_fp32,
-                        const void *cache, int cache_fp32, const int64_t *run_at, const int64_t *pair_start,
-                        const int64_t *ctx, float scale, float *z)
+                        const void *cache, int cache_fp32, const int64_t *run_at, const int64_t *first,
+                        const int64_t *count, const int64_t *ctx, float scale, float *z)
 {
     int64_t L = nbmax * BK;
     float qv[group][D];
     for (int64_t b = 0; b < n; b++) {
-        int64_t nb = pair_start[b + 1] - pair_start[b];
+        int64_t nb = count[b];
         int64_t last = ctx[b];                        /* keys at positions <= last are visible */
         for (int64_t hk = 0; hk < hkv; hk++) {
             for (int64_t r = 0; r < group; r++)
@@ -55,7 +59,7 @@ void attn_decode_scores(int64_t n, int64_t hkv, int64_t group, int64_t D, int64_
                         for (int64_t j = 0; j < BK; j++) zi[r][j] = -__builtin_inff();
                     continue;
                 }
-                int64_t base = run_at[(pair_start[b] + i) * hkv + hk];
+                int64_t base = run_at[(first[b] + i) * hkv + hk];
                 for (int64_t j0 = 0; j0 < BK; j0 += W) {
                     /* keys j0 .. j0+15 transposed 16 dims at a time: lane j of kt[x] = k_{j0+j}[x] */
                     vf acc[group];
@@ -92,20 +96,21 @@ void attn_decode_scores(int64_t n, int64_t hkv, int64_t group, int64_t D, int64_
     }
 }
 
-void attn_decode_combine(int64_t n, int64_t hkv, int64_t group, int64_t D, int64_t nbmax,
+void attn_rows_combine(int64_t n, int64_t hkv, int64_t group, int64_t D, int64_t nbmax,
                          const float *p, const void *cache, int cache_fp32, const int64_t *run_at,
-                         const int64_t *pair_start, const int64_t *seq_lens, int out_fp32, void *out)
+                         const int64_t *first, const int64_t *count, const int64_t *seq_lens, int out_fp32,
+                         void *out)
 {
     int64_t L = nbmax * BK, hq = hkv * group, nv = (D + W - 1) / W;
     vf acc[nv], tot[nv];
     for (int64_t b = 0; b < n; b++) {
-        int64_t nb = pair_start[b + 1] - pair_start[b];
+        int64_t nb = count[b];
         for (int64_t qh = 0; qh < hq; qh++) {
             int64_t hk = qh / group;
             const float *pr = p + (b * hq + qh) * L;
             float denom = 0.0f;
             for (int64_t i = 0; i < nb; i++) {
-                int64_t base = run_at[(pair_start[b] + i) * hkv + hk] + D;     /* values */
+                int64_t base = run_at[(first[b] + i) * hkv + hk] + D;          /* values */
                 int64_t valid = seq_lens[b] - i * BK;
                 if (valid > BK) valid = BK;
                 const float *pb = pr + i * BK;
