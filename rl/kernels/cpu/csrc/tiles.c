@@ -21,6 +21,12 @@
 #define GROUP 4                   /* tiles (panels) per column group: 4 accumulator tiles */
 #define KBLOCK 32                 /* k per TDPBF16PS */
 #define ROWS 16                   /* rows per x tile */
+/* software prefetch of the packed weight PF_DIST bytes ahead of the tile loads (the stream runs
+   on into the next column group): ~12.2 against ~11.3 GB/s without, streaming a small MoE's
+   experts at decode (4 rows each; 8 KB read alike with 4 and 16 KB, the T1/T2 hints slower) */
+#define PF_DIST 8192
+#define PF_LINE 64
+#define PF_HINT _MM_HINT_T0
 #define W_CHUNK_BYTES (512 << 10) /* packed weight bytes a chunk of column groups may hold */
 
 #define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
@@ -81,7 +87,10 @@ AMX_TARGET static void block(const uint16_t *x, int64_t lda, int64_t kpad, const
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int64_t kb = 0; kb < kpad; kb += KBLOCK) {
+    const char *pf = (const char *)group + PF_DIST;
+    int64_t step = panels * 2 * PANEL * 2 * (KBLOCK / 2);
+    for (int64_t kb = 0; kb < kpad; kb += KBLOCK, pf += step) {
+        for (int64_t l = 0; l < step; l += PF_LINE) _mm_prefetch(pf + l, PF_HINT);
         _tile_loadd(4, x + kb, lda * 2);
         W_TILE(0, 0)
         W_TILE(1, 1)
