@@ -321,10 +321,11 @@ def test_run_to_run_determinism(tiny_model):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_c_rms_norm_and_rope_are_the_torch_forms_bits(dtype):
-    """Without autograd, RMSNorm and RoPE run as one C pass each (csrc/norm_rope.c); the trainer
-    keeps the torch forms. The two must give the same bits: row lengths 1 to 4096, one weight row
-    or one per head, strided inputs, partial rotation."""
+def test_c_norms_and_rope_are_the_torch_forms_bits(dtype):
+    """Without autograd, RMSNorm (plain and gated group) and RoPE run as one C pass each
+    (csrc/norm_rope.c); the trainer keeps the torch forms. The two must give the same bits: row
+    lengths 1 to 4096, one weight row or one per head, strided inputs, partial rotation, gates
+    whose exp overflows."""
     import importlib
     norm = importlib.import_module("rl.kernels.cpu.norm")
     rope = importlib.import_module("rl.kernels.cpu.rope")      # (the package exports a function `rope`)
@@ -343,6 +344,13 @@ def test_c_rms_norm_and_rope_are_the_torch_forms_bits(dtype):
         cos, sin = rope.rope_tables(positions, rotary, 10000.0)
         assert_bits_equal(rope.rope(x, positions, rotary, 10000.0), rope._rope_torch(x, cos, sin, rotary),
                           f"rope D={d} rotary={rotary}")
+    for c, groups in [(8, 1), (64, 2), (128, 2), (512, 4), (1024, 4), (1000, 8), (4096, 16)]:
+        fused = (torch.randn(37, 3 * c, generator=gen) * 4).to(dtype)     # x and gate: views of one output
+        fused[0, 2 * c:] = torch.tensor([90.0, -90.0, float("inf"), float("-inf")] * (c // 4) + [0.0] * (c % 4))
+        x, gate = fused[:, c:2 * c], fused[:, 2 * c:]
+        weight = torch.randn(c, generator=gen).bfloat16()
+        assert_bits_equal(norm.gated_group_rms_norm(x, gate, weight, groups, 1e-6),
+                          norm._gated_group_rms_norm_torch(x, gate, weight, groups, 1e-6), f"gated norm C={c}")
 
 
 def test_c_expert_selection_is_the_torch_forms():

@@ -34,7 +34,7 @@ def _rows_kernel():
     fn = library().rms_norm_rows
     fn.restype = None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [i64, i64, ptr, i64, ptr, i64, ctypes.c_float, ctypes.c_int, ptr]
+    fn.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_float, ctypes.c_int, ptr]
     return fn
 
 
@@ -51,17 +51,19 @@ def _c_weight_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
     return 0
 
 
-def _rms_norm_c(x: torch.Tensor, weight: torch.Tensor, eps: float, wrows: int) -> torch.Tensor:
+def _rms_norm_c(x: torch.Tensor, weight: torch.Tensor, eps: float, wrows: int,
+                gate_exp: torch.Tensor | None = None) -> torch.Tensor:
     """The torch form's bits in one C pass (csrc/norm_rope.c; tests/test_kernels_invariance.py
-    compares the two over row lengths 1 to 4096, both dtypes)."""
+    compares the two over row lengths 1 to 4096, both dtypes). `gate_exp`: exp(-gate) fp32,
+    contiguous, x's rows (the gated form)."""
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    w = weight.float().contiguous()
+    w = weight if weight.dtype == torch.float32 and weight.is_contiguous() else weight.float().contiguous()
     y = torch.empty(x2.shape, dtype=x.dtype)
-    _rows_kernel()(x2.shape[0], d, x2.data_ptr(), x2.stride(0), w.data_ptr(), wrows, eps,
-                   int(x.dtype == torch.float32), y.data_ptr())
+    _rows_kernel()(x2.shape[0], d, x2.data_ptr(), x2.stride(0), w.data_ptr(), wrows,
+                   None if gate_exp is None else gate_exp.data_ptr(), eps, int(x.dtype == torch.float32), y.data_ptr())
     return y.view(x.shape)
 
 
@@ -85,11 +87,23 @@ def gated_group_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tens
                          num_groups: int, eps: float) -> torch.Tensor:
     """RMSNorm over `num_groups` equal groups of the last dim, times weight, times sigmoid(gate).
 
-    x, gate [..., C] (C = H*D), weight [C] -> x.dtype; all arithmetic in fp32.
+    x, gate [..., C] (C = H*D), weight [C] -> x.dtype; all arithmetic in fp32. Without autograd
+    the C form runs (the same bits: ATen's exp of -gate, the rest in one pass).
     """
     c = x.shape[-1]
     if c % num_groups:
         raise ValueError(f"gated_group_rms_norm: {c} channels not divisible by {num_groups} groups")
+    if (x.dtype in (torch.bfloat16, torch.float32) and gate.shape == x.shape and weight.shape == (c,)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, weight)))):
+        gate_exp = gate.to(torch.float32, memory_format=torch.contiguous_format, copy=True).neg_().exp_()
+        groups = x.reshape(*x.shape[:-1], num_groups, c // num_groups)
+        return _rms_norm_c(groups, weight.view(num_groups, -1), eps, num_groups, gate_exp).view(x.shape)
+    return _gated_group_rms_norm_torch(x, gate, weight, num_groups, eps)
+
+
+def _gated_group_rms_norm_torch(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
+                                num_groups: int, eps: float) -> torch.Tensor:
+    c = x.shape[-1]
     y = _normalize(x.reshape(-1, c // num_groups), eps).reshape(-1, c)
     y = y * weight.float() * sigmoid(gate.reshape(-1, c).float())
     return y.reshape(x.shape).to(x.dtype)

@@ -5,7 +5,9 @@
      ss   = sum_k x[k] * x[k]           (products rounded to fp32, summed from +0 in increasing k:
                                          rows.bmm_rows' order, which the torch form uses)
      r    = 1 / sqrt(ss / D + eps)      (each step one correctly rounded fp32 operation)
-     y[k] = (x[k] * r) * w[i % wrows][k], rounded to the output dtype (bf16: nearest even).
+     y[k] = (x[k] * r) * w[i % wrows][k], rounded to the output dtype (bf16: nearest even);
+     with gate_exp (fp32 [rows, D], exp(-gate) from ATen's exp, as the torch form's sigmoid):
+     y[k] = ((x[k] * r) * w[i % wrows][k]) * (1 / (1 + gate_exp[i, k])), then rounded.
    rope_rows, per token t and head h of x [N, H, D] (strides sx0, sx1), half = rotary_dim / 2:
      y[j]        = x[j] * cos[t, j] - x[j + half] * sin[t, j]        j < half
      y[j + half] = x[j + half] * cos[t, j] + x[j] * sin[t, j]
@@ -15,7 +17,7 @@
 #include "vec.h"
 
 void rms_norm_rows(int64_t rows, int64_t D, const void *x, int64_t sx, const float *w, int64_t wrows,
-                   float eps, int fp32_io, void *y)
+                   const float *gate_exp, float eps, int fp32_io, void *y)
 {
     float xf[D];
     for (int64_t i = 0; i < rows; i++) {
@@ -24,7 +26,13 @@ void rms_norm_rows(int64_t rows, int64_t D, const void *x, int64_t sx, const flo
         for (int64_t k = 0; k < D; k++) ss = ss + xf[k] * xf[k];
         float r = 1.0f / sqrtf(ss / (float)D + eps);
         const float *wr = w + (i % wrows) * D;
-        for (int64_t k = 0; k < D; k++) store_f32(y, i * D + k, (xf[k] * r) * wr[k], fp32_io);
+        if (gate_exp) {
+            const float *e = gate_exp + i * D;
+            for (int64_t k = 0; k < D; k++)
+                store_f32(y, i * D + k, ((xf[k] * r) * wr[k]) * (1.0f / (1.0f + e[k])), fp32_io);
+        } else {
+            for (int64_t k = 0; k < D; k++) store_f32(y, i * D + k, (xf[k] * r) * wr[k], fp32_io);
+        }
     }
 }
 
