@@ -3,7 +3,8 @@
 
    rms_norm_rows, per row i of x [rows, D] (row stride sx):
      ss   = sum_k x[k] * x[k]           (products rounded to fp32, summed from +0 in increasing k:
-                                         rows.bmm_rows' order, which the torch form uses)
+                                         rows.bmm_rows' order, which the torch form uses; 16 rows
+                                         at a time, one per vector lane)
      r    = 1 / sqrt(ss / D + eps)      (each step one correctly rounded fp32 operation)
      y[k] = (x[k] * r) * w[i % wrows][k], rounded to the output dtype (bf16: nearest even);
      with gate_exp (fp32 [rows, D], exp(-gate) from ATen's exp, as the torch form's sigmoid):
@@ -16,22 +17,45 @@
 #include <math.h>
 #include "vec.h"
 
+/* ss[i] = sum_k x[i, k] * x[i, k] for rows i < nrows (<= 16) of x: each row's products summed
+   from +0 in increasing k, 16 rows at once (lane i holds row i's running sum) */
+static void sums_of_squares(const void *x, int64_t sx, int64_t nrows, int64_t D, int fp32_io, float *ss) {
+    vf acc = (vf){0};
+    int64_t k0 = 0;
+    for (; k0 + W <= D; k0 += W) {
+        vf r[W];
+        for (int64_t i = 0; i < W; i++) r[i] = i < nrows ? load16_f32(x, i * sx + k0, fp32_io) : (vf){0};
+        transpose16(r);                       /* r[kk]: element k0 + kk of the 16 rows */
+        for (int64_t kk = 0; kk < W; kk++) acc = acc + r[kk] * r[kk];
+    }
+    for (int64_t i = 0; i < nrows; i++) {
+        float s = acc[i];
+        for (int64_t k = k0; k < D; k++) {
+            float v = load_f32(x, i * sx + k, fp32_io);
+            s = s + v * v;
+        }
+        ss[i] = s;
+    }
+}
+
 void rms_norm_rows(int64_t rows, int64_t D, const void *x, int64_t sx, const float *w, int64_t wrows,
                    const float *gate_exp, float eps, int fp32_io, void *y)
 {
-    float xf[D];
-    for (int64_t i = 0; i < rows; i++) {
-        for (int64_t k = 0; k < D; k++) xf[k] = load_f32(x, i * sx + k, fp32_io);
-        float ss = 0.0f;
-        for (int64_t k = 0; k < D; k++) ss = ss + xf[k] * xf[k];
-        float r = 1.0f / sqrtf(ss / (float)D + eps);
-        const float *wr = w + (i % wrows) * D;
-        if (gate_exp) {
-            const float *e = gate_exp + i * D;
-            for (int64_t k = 0; k < D; k++)
-                store_f32(y, i * D + k, ((xf[k] * r) * wr[k]) * (1.0f / (1.0f + e[k])), fp32_io);
-        } else {
-            for (int64_t k = 0; k < D; k++) store_f32(y, i * D + k, (xf[k] * r) * wr[k], fp32_io);
+    float ss[W];
+    for (int64_t i0 = 0; i0 < rows; i0 += W) {
+        int64_t nrows = rows - i0 < W ? rows - i0 : W;
+        sums_of_squares((const char *)x + i0 * sx * (fp32_io ? 4 : 2), sx, nrows, D, fp32_io, ss);
+        for (int64_t i = i0; i < i0 + nrows; i++) {
+            float r = 1.0f / sqrtf(ss[i - i0] / (float)D + eps);
+            const float *wr = w + (i % wrows) * D;
+            if (gate_exp) {
+                const float *e = gate_exp + i * D;
+                for (int64_t k = 0; k < D; k++)
+                    store_f32(y, i * D + k, ((load_f32(x, i * sx + k, fp32_io) * r) * wr[k]) * (1.0f / (1.0f + e[k])),
+                              fp32_io);
+            } else {
+                for (int64_t k = 0; k < D; k++) store_f32(y, i * D + k, (load_f32(x, i * sx + k, fp32_io) * r) * wr[k], fp32_io);
+            }
         }
     }
 }

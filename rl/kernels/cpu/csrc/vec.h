@@ -26,6 +26,13 @@ static inline float load_f32(const void *p, int64_t at, int fp32) {
     return fp32 ? ((const float *)p)[at] : bf16_to_f32(((const uint16_t *)p)[at]);
 }
 
+/* elements at .. at + 15 of a bfloat16 array, or of a float32 one when fp32 is set, as fp32 */
+static inline vf load16_f32(const void *p, int64_t at, int fp32) {
+    if (fp32) return *(const vf_u *)((const float *)p + at);
+    vu16 h = *(const vu16_u *)((const uint16_t *)p + at);
+    return (vf)(__builtin_convertvector(h, vu32) << 16);
+}
+
 static inline uint16_t f32_to_bf16(float f) {        /* torch's float -> bfloat16: nearest even */
     uint32_t u;
     memcpy(&u, &f, sizeof u);
