@@ -184,8 +184,11 @@ def test_moe_experts_stacked_paths_equal_trainer_path(num_experts, inter, hidden
 
     def grouped(x, flat_ids):
         with torch.no_grad():
-            out = moe._grouped_experts(x, flat_ids, k, gw, uw, dw, moe._expert_counts(flat_ids, num_experts))
-        assert (out is not None) == tiles.available()
+            got = moe._grouped_experts(x, flat_ids, k, gw, uw, dw, moe._expert_counts(flat_ids, num_experts))
+        assert (got is not None) == tiles.available()
+        out_sorted, order = got
+        out = torch.empty_like(out_sorted)
+        out[order] = out_sorted
         return out
     gw = [torch.randn(inter, hidden).bfloat16() for _ in range(num_experts)]
     uw = [torch.randn(inter, hidden).bfloat16() for _ in range(num_experts)]

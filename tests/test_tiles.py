@@ -98,3 +98,12 @@ def test_product_groups_is_each_groups_product():
         tiles.product_groups(x, [11, 11], tiles.pack(torch.randn(2 * 40, k).bfloat16()), 2, torch.bfloat16)
     with pytest.raises(ValueError, match=r"bf16 \[23, 96\]"):
         tiles.product_groups(x, [11, 0, 12], packed, parts, torch.bfloat16)
+    # rows gathered on the way: output row r is the product of x's row rows[r]
+    source = torch.randn(9, k).bfloat16()
+    rows = torch.randint(0, 9, (sum(counts),))
+    assert_bits_equal(tiles.product_groups(source, counts, packed, parts, torch.float32, rows=rows),
+                      tiles.product_groups(source[rows], counts, packed, parts, torch.float32), "gathered rows")
+    bad = rows.clone()
+    bad[0], bad[-1] = 0, 9                 # the C call would read past x: refused
+    with pytest.raises(ValueError, match=r"rows \[0, 9\] outside"):
+        tiles.product_groups(source, counts, packed, parts, torch.bfloat16, rows=bad)

@@ -9,7 +9,8 @@ one gather per expert under autograd (trainer) or by one sorted gather without i
 the same forward bits (tested), two ways of summing x's gradient (see `_per_expert_gathers`).
 Without autograd, where the rollout engine asked for stacked copies (`prepack_experts`), with
 AMX tiles all experts run in two grouped calls (`_grouped_experts`: each used expert's weights
-read once, no per-expert Python). Without AMX, where it is cheaper (decode batches, see
+read once, no per-expert Python), with the SwiGLU step and the weighted sum as C passes
+(csrc/moe_rows.c, the torch forms' bits). Without AMX, where it is cheaper (decode batches, see
 `_dense_choice`), the gate/up and/or the down products run once
 over all experts' weights stacked (`_stacked_experts`): a
 product's output element does not depend on how many weight rows share the call (tested at
@@ -213,13 +214,34 @@ def prepack_experts(gate_w, up_w, down_w) -> int:
     return 1
 
 
-def _grouped_experts(x, flat_ids, k, gate_w, up_w, down_w, counts: list[int]) -> torch.Tensor | None:
-    """(token, slot) outputs [N*k, Hd] without autograd, with AMX tiles and the stacked packs
-    `prepack_experts` left: the rows sorted by expert, every used expert's gate/up product in
-    one call (`tiles.product_groups` over the stacked gate/up weight's per-expert parts), the
-    SwiGLU step once, the down products in one call; each expert's weights are read once.
-    The same bits as `expert_mlp` per expert (the tile product's element depends on its row
-    and weight row alone; `_swiglu` element-wise). None where any of that is missing."""
+@functools.lru_cache(maxsize=1)
+def _row_steps():
+    lib = library()
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    swiglu, combine = lib.swiglu_rows, lib.combine_rows
+    swiglu.restype = combine.restype = None
+    swiglu.argtypes = [i64, i64, ptr, i64, ptr, ptr]
+    combine.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    return swiglu, combine
+
+
+def _swiglu_c(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
+    """`_swiglu(gate_up[:, :inter], gate_up[:, inter:], bf16)` for bf16 gate_up [P, 2I]: ATen's
+    exp of -gate, the rest in one C pass (csrc/moe_rows.c); the same bits."""
+    gate_exp = gate_up[:, :inter].float().neg_().exp_()
+    out = torch.empty((gate_up.shape[0], inter), dtype=torch.bfloat16)
+    _row_steps()[0](gate_up.shape[0], inter, gate_up.data_ptr(), gate_up.stride(0), gate_exp.data_ptr(), out.data_ptr())
+    return out
+
+
+def _grouped_experts(x, flat_ids, k, gate_w, up_w, down_w, counts: list[int]):
+    """(outputs, order) without autograd, with AMX tiles and the stacked packs `prepack_experts`
+    left: the (token, slot) rows sorted by expert (`order[p]`: the pair whose row is p), every
+    used expert's gate/up product in one call (`tiles.product_groups` over the stacked gate/up
+    weight's per-expert parts, gathering x's rows on the way), the SwiGLU step once, the down
+    products in one call; each expert's weights are read once. outputs [N*k, Hd] in sorted
+    order, each row the bits `expert_mlp` gives its pair (the tile product's element depends on
+    its row and weight row alone; `_swiglu` element-wise). None where any of that is missing."""
     if not tiles.available() or x.dtype != torch.bfloat16 or not _stackable(gate_w):
         return None
     inter, hidden_size = gate_w[0].shape
@@ -232,11 +254,24 @@ def _grouped_experts(x, flat_ids, k, gate_w, up_w, down_w, counts: list[int]) ->
     if not isinstance(packed_gate_up, tiles.Packed) or not isinstance(packed_down, tiles.Packed):
         return None
     order = torch.argsort(flat_ids, stable=True)
-    gate_up = tiles.product_groups(x[order // k], counts, packed_gate_up, len(gate_w), x.dtype)   # [P, 2I]
-    hidden = _swiglu(gate_up[:, :inter], gate_up[:, inter:], x.dtype)
-    out_sorted = tiles.product_groups(hidden, counts, packed_down, len(gate_w), x.dtype)
-    out = torch.empty_like(out_sorted)
-    out[order] = out_sorted
+    gate_up = tiles.product_groups(x, counts, packed_gate_up, len(gate_w), x.dtype, rows=order // k)   # [P, 2I]
+    hidden = _swiglu_c(gate_up, inter)
+    return tiles.product_groups(hidden, counts, packed_down, len(gate_w), x.dtype), order
+
+
+def _combine_sorted(outputs: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """`moe_experts`' weighted sum for bf16 rows in sorted order (`_grouped_experts`), in one C
+    pass (csrc/moe_rows.c): the same fp32 products and sums in slot order, the same bits. The
+    slots are the pairs' (order.numel() / N); like the torch form, weight columns past them
+    are not read."""
+    n = topk_weights.shape[0]
+    k = order.numel() // n
+    weights = topk_weights[:, :k].float().contiguous()
+    order = order.contiguous()
+    where = torch.empty(n * k, dtype=torch.int64)
+    out = torch.empty((n, outputs.shape[1]), dtype=torch.bfloat16)
+    _row_steps()[1](n, k, outputs.shape[1], outputs.data_ptr(), order.data_ptr(), weights.data_ptr(),
+                    where.data_ptr(), out.data_ptr())
     return out
 
 
@@ -302,13 +337,14 @@ def moe_experts(x, topk_ids, topk_weights, gate_w, up_w, down_w):
         outputs = _per_expert_gathers(x, flat_ids, k, gate_w, up_w, down_w)
     else:
         counts = _expert_counts(flat_ids, len(gate_w))
-        outputs = _grouped_experts(x, flat_ids, k, gate_w, up_w, down_w, counts)
-        if outputs is None:
-            dense_gate_up, dense_down = _dense_choice(x, flat_ids, gate_w, up_w, down_w, counts)
-            if dense_gate_up or dense_down:
-                outputs = _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up, dense_down, counts)
-            else:
-                outputs = _one_sorted_gather(x, flat_ids, k, gate_w, up_w, down_w, counts)
+        grouped = _grouped_experts(x, flat_ids, k, gate_w, up_w, down_w, counts)
+        if grouped is not None:
+            return _combine_sorted(*grouped, topk_weights)
+        dense_gate_up, dense_down = _dense_choice(x, flat_ids, gate_w, up_w, down_w, counts)
+        if dense_gate_up or dense_down:
+            outputs = _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up, dense_down, counts)
+        else:
+            outputs = _one_sorted_gather(x, flat_ids, k, gate_w, up_w, down_w, counts)
     outputs = outputs.view(num_tokens, k, -1).float()
     weights = topk_weights.float()
     combined = weights[:, 0, None] * outputs[:, 0]

@@ -43,7 +43,7 @@ def _functions():
     product.restype = ctypes.c_int
     product.argtypes = [_I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
     groups.restype = ctypes.c_int
-    groups.argtypes = [_I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, ctypes.c_int]
+    groups.argtypes = [_I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, ctypes.c_int]
     return size, pack_fn, product, groups
 
 
@@ -90,22 +90,34 @@ PART_ROWS = 64      # a part of a packed weight is itself packed contiguously if
 
 
 def product_groups(x: torch.Tensor, counts: list[int], packed: Packed, parts: int,
-                   out_dtype: torch.dtype) -> torch.Tensor:
+                   out_dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
     """x [sum(counts), k] bf16, rows grouped: rows of group g times part g of the packed weight
     (its rows split into `parts` equal parts, e.g. a MoE layer's stacked experts) -> [rows,
-    n / parts], the same bits as `product` of each group with its part, in one call."""
+    n / parts], the same bits as `product` of each group with its part, in one call. With
+    `rows` (int64 [sum(counts)]), output row r is the product of x's row rows[r] (x [T, k]):
+    the gather `x[rows]` done on the way."""
     n, k = packed.n // parts, packed.k
+    total = sum(counts)
     if packed.n != n * parts or n % PART_ROWS or len(counts) != parts:
         raise ValueError(f"tiles.product_groups: {packed.n} weight rows in {parts} parts of a multiple of "
                          f"{PART_ROWS} rows, {len(counts)} counts")
-    if x.dtype != torch.bfloat16 or x.shape != (sum(counts), k) or out_dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"tiles.product_groups: x must be bf16 [{sum(counts)}, {k}], got {x.dtype} {list(x.shape)}")
+    if (x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k or (rows is None and x.shape[0] != total)
+            or out_dtype not in (torch.bfloat16, torch.float32)):
+        raise ValueError(f"tiles.product_groups: x must be bf16 [{total}, {k}], got {x.dtype} {list(x.shape)}")
+    if rows is not None:
+        if rows.dtype != torch.int64 or rows.shape != (total,):
+            raise ValueError(f"tiles.product_groups: rows must be int64 [{total}], got {rows.dtype} {list(rows.shape)}")
+        rows = rows.contiguous()
+        if total:                          # the C call reads x's rows without bounds checks
+            low, high = torch.aminmax(rows)
+            if int(low) < 0 or int(high) >= x.shape[0]:
+                raise ValueError(f"tiles.product_groups: rows [{int(low)}, {int(high)}] outside x's {x.shape[0]} rows")
     if x.stride(1) != 1:
         x = x.contiguous()
-    rows = torch.tensor(counts, dtype=torch.int64)
-    out = torch.empty((x.shape[0], n), dtype=out_dtype)
-    if x.shape[0] and _functions()[3](parts, rows.data_ptr(), n, k, x.data_ptr(), x.stride(0), packed.data.data_ptr(),
-                                      out.data_ptr(), out.stride(0),
-                                      int(out_dtype == torch.float32)) != 0:
+    sizes = torch.tensor(counts, dtype=torch.int64)
+    out = torch.empty((total, n), dtype=out_dtype)
+    if total and _functions()[3](parts, sizes.data_ptr(), n, k, x.data_ptr(), x.stride(0),
+                                 None if rows is None else rows.data_ptr(), packed.data.data_ptr(),
+                                 out.data_ptr(), out.stride(0), int(out_dtype == torch.float32)) != 0:
         raise MemoryError("tiles.product_groups: no scratch memory")
     return out

@@ -118,20 +118,23 @@ AMX_TARGET static void write_rows(float sums[ROWS][GROUP * PANEL], int64_t rows,
         }
 }
 
-/* out [m, n] (row stride ldo; fp32 or bf16) = x [m, k] (bf16, row stride ldx) . packed w.
+/* out [m, n] (row stride ldo; fp32 or bf16) = x [m, k] . packed w, row r of x at x + r * ldx
+   (bf16), or at x + row_index[r] * ldx when row_index is given (a gather).
    Returns 0, or -1 when scratch memory could not be had. */
-AMX_TARGET int tiles_product(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t ldx,
-                             const uint16_t *packed, void *out, int64_t ldo, int out_fp32) {
+AMX_TARGET static int product_rows(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t ldx,
+                                   const int64_t *row_index, const uint16_t *packed, void *out, int64_t ldo,
+                                   int out_fp32) {
     int64_t kpad = padded_k(k), pairs = kpad / 2;
     int64_t mpad = (m + ROWS - 1) / ROWS * ROWS;
     uint16_t *copy = NULL;
     const uint16_t *a = x;
     int64_t lda = ldx;
-    if (mpad != m || kpad != k) {           /* zero-padded copy: whole x tiles */
+    if (row_index || mpad != m || kpad != k) {      /* zero-padded copy: whole x tiles */
         copy = aligned_alloc(64, (size_t)(mpad * kpad * 2 + 63) / 64 * 64);
         if (!copy) return -1;
         memset(copy, 0, (size_t)mpad * kpad * 2);
-        for (int64_t r = 0; r < m; r++) memcpy(copy + r * kpad, x + r * ldx, (size_t)k * 2);
+        for (int64_t r = 0; r < m; r++)
+            memcpy(copy + r * kpad, x + (row_index ? row_index[r] : r) * ldx, (size_t)k * 2);
         a = copy;
         lda = kpad;
     }
@@ -156,19 +159,26 @@ AMX_TARGET int tiles_product(int64_t m, int64_t n, int64_t k, const uint16_t *x,
     return 0;
 }
 
-/* The products of consecutive row groups of x with consecutive parts of one packed weight
-   (rows[g] rows of x times part g, each part n rows of the packed weight, n a multiple of 64
-   so that a part's packed form is contiguous, n * padded K elements long): one call for all
-   of a MoE layer's experts, each element the same chain as in `tiles_product`. */
+AMX_TARGET int tiles_product(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t ldx,
+                             const uint16_t *packed, void *out, int64_t ldo, int out_fp32) {
+    return product_rows(m, n, k, x, ldx, NULL, packed, out, ldo, out_fp32);
+}
+
+/* The products of consecutive row groups with consecutive parts of one packed weight (rows[g]
+   rows times part g, each part n rows of the packed weight, n a multiple of 64 so that a part's
+   packed form is contiguous, n * padded K elements long): one call for all of a MoE layer's
+   experts, each element the same chain as in `tiles_product`. Output row r is the product of
+   x's row r, or of x's row x_rows[r] when x_rows is given (the rows gathered on the way). */
 AMX_TARGET int tiles_product_groups(int64_t groups, const int64_t *rows, int64_t n, int64_t k,
-                                    const uint16_t *x, int64_t ldx, const uint16_t *packed,
-                                    void *out, int64_t ldo, int out_fp32) {
+                                    const uint16_t *x, int64_t ldx, const int64_t *x_rows,
+                                    const uint16_t *packed, void *out, int64_t ldo, int out_fp32) {
     int64_t part_stride = n * padded_k(k);
     size_t esize = out_fp32 ? 4 : 2;
     int64_t r0 = 0;
     for (int64_t g = 0; g < groups; g++) {
-        if (rows[g] > 0 && tiles_product(rows[g], n, k, x + r0 * ldx, ldx, packed + g * part_stride,
-                                         (char *)out + r0 * ldo * esize, ldo, out_fp32) != 0)
+        if (rows[g] > 0 && product_rows(rows[g], n, k, x_rows ? x : x + r0 * ldx, ldx, x_rows ? x_rows + r0 : NULL,
+                                        packed + g * part_stride, (char *)out + r0 * ldo * esize, ldo,
+                                        out_fp32) != 0)
             return -1;
         r0 += rows[g];
     }
