@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OPS = ["linear", "fused_linear", "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention", "lightning_attention",
-       "moe_route", "moe_experts", "silu"]
+       "moe_route", "moe_experts", "swiglu"]
 PAGE = {"tiny": 128, "small": 1024}
 WORKLOAD = {"tiny": (64, 128), "small": (16, 64)}         # (prompts, new tokens), as bench/rollout.py
 

@@ -356,6 +356,21 @@ def test_c_norms_and_rope_are_the_torch_forms_bits(dtype):
                           norm._gated_group_rms_norm_torch(x, gate, weight, groups, 1e-6), f"gated norm C={c}")
 
 
+def test_c_swiglu_is_the_torch_forms_bits():
+    """Without autograd, bf16 SwiGLU (the MLPs' and experts' silu(gate) * up) takes ATen's exp and
+    one C pass; the trainer keeps `silu(gate.float()) * up.float()`. Same bits: widths 1 to
+    2816, gate and up as views of one fused output, gates whose exp overflows, NaN."""
+    from rl.kernels.cpu import elementwise
+    gen = torch.Generator().manual_seed(6)
+    for inter in (1, 7, 16, 64, 100, 512, 2816):
+        fused = (torch.randn(29, 2 * inter, generator=gen) * 6).bfloat16()
+        fused[0, :min(inter, 5)] = torch.tensor([100.0, -100.0, float("inf"), float("-inf"), float("nan")])[:min(inter, 5)]
+        gate, up = fused[:, :inter], fused[:, inter:]
+        with torch.no_grad():
+            got = K.swiglu(gate, up)
+        assert_bits_equal(got, (elementwise.silu(gate.float()) * up.float()).to(torch.bfloat16), f"swiglu I={inter}")
+
+
 def test_c_expert_selection_is_the_torch_forms():
     """Without autograd the router's group-limited top-k runs in C (csrc/route.c); the trainer
     keeps the torch form (`select_experts`). Same ids and weight bits over expert counts, group

@@ -5,7 +5,7 @@ both call these functions, so a token's logprob is computed by the same arithmet
 sides. Ops (shapes in each backend's docstrings):
 
     linear, rms_norm, gated_group_rms_norm, rope, softmax_attention,
-    lightning_attention, moe_route, moe_experts, silu, logprobs, log_softmax_logits
+    lightning_attention, moe_route, moe_experts, silu, swiglu, logprobs, log_softmax_logits
 
 and `prepack(weights)` / `prepack_fused(groups)` / `prepack_experts(gate_w, up_w, down_w)`,
 which an inference engine calls after loading weights (cpu: keeps the bf16 product's packed
@@ -144,6 +144,16 @@ def silu(x):
     return backend_for(x.device).silu(x)
 
 
+def swiglu(gate, up):
+    """SwiGLU's element-wise step: silu(gate) * up in fp32, rounded to gate's dtype. Backends
+    with a one-pass form of it (cpu, without autograd; same bits) run that; the others run
+    `silu(gate.float()) * up.float()`."""
+    backend = backend_for(gate.device)
+    if hasattr(backend, "swiglu"):
+        return backend.swiglu(gate, up)
+    return (backend.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
 def log_softmax_logits(hidden, lm_head_weight, temperature=1.0):
     return backend_for(hidden.device).log_softmax_logits(hidden, lm_head_weight, temperature)
 
@@ -158,5 +168,5 @@ __all__ = [
     "BatchMeta", "MODES", "set_kernels", "get_kernels", "kernels", "backend_for", "linear", "prepack", "prepack_experts",
     "prepack_fused", "fused_linear",
     "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention", "lightning_attention",
-    "moe_route", "moe_experts", "silu", "log_softmax_logits", "logprobs",
+    "moe_route", "moe_experts", "silu", "swiglu", "log_softmax_logits", "logprobs",
 ]

@@ -66,8 +66,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = K.fused_linear(x, [self.gate_proj.weight, self.up_proj.weight])
         gate, up = fused if fused is not None else (self.gate_proj(x), self.up_proj(x))
-        act = K.silu(gate.float()) * up.float()
-        return self.down_proj(act.to(x.dtype))
+        return self.down_proj(K.swiglu(gate, up))
 
 
 def alibi_slopes(num_heads: int) -> list[float]:

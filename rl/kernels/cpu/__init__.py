@@ -40,7 +40,7 @@ from rl.kernels.cpu.attention import softmax_attention
 from rl.kernels.cpu.lightning import lightning_attention
 from rl.kernels.cpu.moe import moe_experts, moe_route, prepack_experts
 from rl.kernels.cpu.logprobs import log_softmax_logits, logprobs
-from rl.kernels.cpu.elementwise import sigmoid, silu
+from rl.kernels.cpu.elementwise import sigmoid, silu, swiglu
 
 keep_heap_top()
 warm_up_vml()
@@ -48,4 +48,4 @@ amx.request()
 
 __all__ = ["linear", "prepack", "prepack_fused", "fused_linear", "rms_norm", "gated_group_rms_norm", "rope", "softmax_attention",
            "lightning_attention", "moe_route", "moe_experts", "prepack_experts", "log_softmax_logits", "logprobs",
-           "sigmoid", "silu"]
+           "sigmoid", "silu", "swiglu"]

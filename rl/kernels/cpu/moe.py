@@ -9,8 +9,8 @@ one gather per expert under autograd (trainer) or by one sorted gather without i
 the same forward bits (tested), two ways of summing x's gradient (see `_per_expert_gathers`).
 Without autograd, where the rollout engine asked for stacked copies (`prepack_experts`), with
 AMX tiles all experts run in two grouped calls (`_grouped_experts`: each used expert's weights
-read once, no per-expert Python), with the SwiGLU step and the weighted sum as C passes
-(csrc/moe_rows.c, the torch forms' bits). Without AMX, where it is cheaper (decode batches, see
+read once, no per-expert Python), with the SwiGLU step (`elementwise.swiglu`) and the
+weighted sum as C passes (csrc/moe_rows.c, the torch forms' bits). Without AMX, where it is cheaper (decode batches, see
 `_dense_choice`), the gate/up and/or the down products run once
 over all experts' weights stacked (`_stacked_experts`): a
 product's output element does not depend on how many weight rows share the call (tested at
@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from rl.kernels.cpu.elementwise import sigmoid, silu
+from rl.kernels.cpu.elementwise import sigmoid, swiglu
 from rl.kernels.cpu import tiles
 from rl.kernels.cpu.matmul import _packed, bf16_tile_rows, current_derived, keep_derived, linear, prepack
 from rl.kernels.cpu.native import library
@@ -110,14 +110,9 @@ def moe_route(x, gate_weight, expert_bias, top_k, n_group, topk_group, norm_topk
     return weights, ids, logits
 
 
-def _swiglu(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """SwiGLU's element-wise step on an expert's gate and up products: fp32, rounded to `dtype`."""
-    return (silu(gate.float()) * up.float()).to(dtype)
-
-
 def expert_mlp(x, gate_w, up_w, down_w):
     """SwiGLU of one expert on its rows: x [M, Hd] -> [M, Hd] in x.dtype."""
-    return linear(_swiglu(linear(x, gate_w), linear(x, up_w), x.dtype), down_w)
+    return linear(swiglu(linear(x, gate_w), linear(x, up_w)), down_w)
 
 
 def _per_expert_gathers(x, flat_ids, k, gate_w, up_w, down_w):
@@ -215,23 +210,12 @@ def prepack_experts(gate_w, up_w, down_w) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _row_steps():
-    lib = library()
+def _combine_kernel():
+    fn = library().combine_rows
+    fn.restype = None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    swiglu, combine = lib.swiglu_rows, lib.combine_rows
-    swiglu.restype = combine.restype = None
-    swiglu.argtypes = [i64, i64, ptr, i64, ptr, ptr]
-    combine.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
-    return swiglu, combine
-
-
-def _swiglu_c(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
-    """`_swiglu(gate_up[:, :inter], gate_up[:, inter:], bf16)` for bf16 gate_up [P, 2I]: ATen's
-    exp of -gate, the rest in one C pass (csrc/moe_rows.c); the same bits."""
-    gate_exp = gate_up[:, :inter].float().neg_().exp_()
-    out = torch.empty((gate_up.shape[0], inter), dtype=torch.bfloat16)
-    _row_steps()[0](gate_up.shape[0], inter, gate_up.data_ptr(), gate_up.stride(0), gate_exp.data_ptr(), out.data_ptr())
-    return out
+    fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    return fn
 
 
 def _grouped_experts(x, flat_ids, k, gate_w, up_w, down_w, counts: list[int]):
@@ -241,7 +225,7 @@ def _grouped_experts(x, flat_ids, k, gate_w, up_w, down_w, counts: list[int]):
     weight's per-expert parts, gathering x's rows on the way), the SwiGLU step once, the down
     products in one call; each expert's weights are read once. outputs [N*k, Hd] in sorted
     order, each row the bits `expert_mlp` gives its pair (the tile product's element depends on
-    its row and weight row alone; `_swiglu` element-wise). None where any of that is missing."""
+    its row and weight row alone; `swiglu` element-wise). None where any of that is missing."""
     if not tiles.available() or x.dtype != torch.bfloat16 or not _stackable(gate_w):
         return None
     inter, hidden_size = gate_w[0].shape
@@ -255,7 +239,7 @@ def _grouped_experts(x, flat_ids, k, gate_w, up_w, down_w, counts: list[int]):
         return None
     order = torch.argsort(flat_ids, stable=True)
     gate_up = tiles.product_groups(x, counts, packed_gate_up, len(gate_w), x.dtype, rows=order // k)   # [P, 2I]
-    hidden = _swiglu_c(gate_up, inter)
+    hidden = swiglu(gate_up[:, :inter], gate_up[:, inter:])
     return tiles.product_groups(hidden, counts, packed_down, len(gate_w), x.dtype), order
 
 
@@ -270,7 +254,7 @@ def _combine_sorted(outputs: torch.Tensor, order: torch.Tensor, topk_weights: to
     order = order.contiguous()
     where = torch.empty(n * k, dtype=torch.int64)
     out = torch.empty((n, outputs.shape[1]), dtype=torch.bfloat16)
-    _row_steps()[1](n, k, outputs.shape[1], outputs.data_ptr(), order.data_ptr(), weights.data_ptr(),
+    _combine_kernel()(n, k, outputs.shape[1], outputs.data_ptr(), order.data_ptr(), weights.data_ptr(),
                     where.data_ptr(), out.data_ptr())
     return out
 
@@ -307,7 +291,7 @@ def _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up: bool, 
     experts' stacked weights (dense: the unused experts' columns are thrown away) or per expert
     on the rows sorted by expert (`_sorted_by_expert`). Every output element is the one
     `expert_mlp` computes: the same products (a product's element does not depend on the weight
-    rows beside it, tested) and the same element-wise steps (`_swiglu`)."""
+    rows beside it, tested) and the same element-wise steps (`swiglu`)."""
     e, inter = len(gate_w), gate_w[0].shape[0]
     pairs = flat_ids.numel()
     pair = torch.arange(pairs, device=x.device)
@@ -317,10 +301,10 @@ def _stacked_experts(x, flat_ids, k, gate_w, up_w, down_w, dense_gate_up: bool, 
         order = torch.argsort(flat_ids, stable=True)
     if dense_gate_up:
         y = linear(x, _stacked_gate_up(gate_w, up_w)).view(x.shape[0], e, 2, inter)[pair // k, flat_ids]
-        hidden = _swiglu(y[:, 0], y[:, 1], x.dtype)                                   # [N*k, I]
+        hidden = swiglu(y[:, 0], y[:, 1])                                   # [N*k, I]
     else:
         hidden = _sorted_by_expert(x[order // k], order, counts,
-                                   lambda i, r: _swiglu(linear(r, gate_w[i]), linear(r, up_w[i]), x.dtype))
+                                   lambda i, r: swiglu(linear(r, gate_w[i]), linear(r, up_w[i])))
     if dense_down:
         return linear(hidden, _stacked_down(down_w)).view(pairs, e, x.shape[1])[pair, flat_ids]
     return _sorted_by_expert(hidden[order], order, counts, lambda i, r: linear(r, down_w[i]))
