@@ -67,7 +67,7 @@ AMX_TARGET static void configure(void) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int t = 0; t < 6; t++) {           /* 0-3: fp32 accumulators, 4: x, 5: w */
+    for (int t = 0; t < 8; t++) {           /* 0-3: fp32 accumulators, 4-5: x, 6-7: w (`block`: 4 x, 5 w) */
         cfg.colsb[t] = 64;
         cfg.rows[t] = ROWS;
     }
@@ -101,6 +101,37 @@ AMX_TARGET static void block(const uint16_t *x, int64_t lda, int64_t kpad, const
     _tile_stored(1, &sums[0][PANEL], GROUP * PANEL * 4);
     _tile_stored(2, &sums[0][2 * PANEL], GROUP * PANEL * 4);
     _tile_stored(3, &sums[0][3 * PANEL], GROUP * PANEL * 4);
+}
+
+/* two blocks of 16 rows (x rows `lda` apart: rows 0-15, 16-31) times panels p0, p0 + 1 of one
+   column group, into columns p0 * 16 .. of sums0 (rows 0-15) and sums1 (rows 16-31): each
+   weight tile loaded once for both row blocks (half the weight reads of `block` per product) */
+AMX_TARGET static void block_pair(const uint16_t *x, int64_t lda, int64_t kpad, const uint16_t *group,
+                                  int64_t panels, int64_t p0, float sums0[ROWS][GROUP * PANEL],
+                                  float sums1[ROWS][GROUP * PANEL]) {
+    int two = p0 + 1 < panels;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kb = 0; kb < kpad; kb += KBLOCK) {
+        _tile_loadd(4, x + kb, lda * 2);
+        _tile_loadd(5, x + ROWS * lda + kb, lda * 2);
+        _tile_loadd(6, group + (kb / 2 * panels + p0) * 2 * PANEL, panels * 2 * PANEL * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (two) {
+            _tile_loadd(7, group + (kb / 2 * panels + p0 + 1) * 2 * PANEL, panels * 2 * PANEL * 2);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, &sums0[0][p0 * PANEL], GROUP * PANEL * 4);
+    _tile_stored(2, &sums1[0][p0 * PANEL], GROUP * PANEL * 4);
+    if (two) {
+        _tile_stored(1, &sums0[0][(p0 + 1) * PANEL], GROUP * PANEL * 4);
+        _tile_stored(3, &sums1[0][(p0 + 1) * PANEL], GROUP * PANEL * 4);
+    }
 }
 
 AMX_TARGET static void write_rows(float sums[ROWS][GROUP * PANEL], int64_t rows, int64_t col0, int64_t n,
@@ -146,14 +177,27 @@ AMX_TARGET static int product_rows(int64_t m, int64_t n, int64_t k, const uint16
     if (chunk < 1) chunk = 1;
     chunk *= GROUP * PANEL;
     configure();
-    for (int64_t c0 = 0; c0 < n; c0 += chunk)
-        for (int64_t r0 = 0; r0 < m; r0 += ROWS)
+    float sums1[ROWS][GROUP * PANEL] __attribute__((aligned(64)));
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        int64_t r0 = 0;
+        for (; r0 + 2 * ROWS <= mpad; r0 += 2 * ROWS)       /* pairs of row blocks */
+            for (int64_t g0 = c0; g0 < n && g0 < c0 + chunk; g0 += GROUP * PANEL) {
+                int64_t panels = (n - g0 + PANEL - 1) / PANEL;
+                if (panels > GROUP) panels = GROUP;
+                for (int64_t p0 = 0; p0 < panels; p0 += 2)
+                    block_pair(a + r0 * lda, lda, kpad, packed + g0 * 2 * pairs, panels, p0, sums, sums1);
+                write_rows(sums, ROWS, g0, n, (char *)out + r0 * ldo * esize, ldo, out_fp32);
+                write_rows(sums1, m - r0 - ROWS < ROWS ? m - r0 - ROWS : ROWS, g0, n,
+                           (char *)out + (r0 + ROWS) * ldo * esize, ldo, out_fp32);
+            }
+        for (; r0 < m; r0 += ROWS)                          /* a last single row block */
             for (int64_t g0 = c0; g0 < n && g0 < c0 + chunk; g0 += GROUP * PANEL) {
                 int64_t panels = (n - g0 + PANEL - 1) / PANEL;
                 if (panels > GROUP) panels = GROUP;
                 block(a + r0 * lda, lda, kpad, packed + g0 * 2 * pairs, panels, sums);
                 write_rows(sums, m - r0 < ROWS ? m - r0 : ROWS, g0, n, (char *)out + r0 * ldo * esize, ldo, out_fp32);
             }
+    }
     _tile_release();
     free(copy);
     return 0;
