@@ -1,5 +1,5 @@
-"""Huge pages for the buffers a decode step streams (rl/kernels/cpu/malloc.py): speed only, so
-what is tested is that the advice keeps every value and covers the right range."""
+"""Huge pages for the packed weights a decode step streams (rl/kernels/cpu/malloc.py): speed
+only, so what is tested is that the advice keeps every value and covers the right range."""
 import torch
 
 from rl.kernels.cpu import malloc
@@ -20,7 +20,10 @@ def test_huge_pages_keep_the_values_and_cover_whole_pages_inside():
     assert malloc.huge_pages(torch.randn(100)) == 0    # smaller than a huge page: nothing to ask
 
 
-def test_huge_pages_once_asks_once_per_range():
-    t = torch.randn(1 << 20)
-    malloc.huge_pages_once(t)
-    assert (t.data_ptr(), t.numel() * 4) in malloc._advised
+
+def test_a_pack_on_huge_pages_is_the_same_pack():
+    from rl.kernels.cpu import tiles
+    if not tiles.available():
+        return                                         # no tile packs on this CPU: nothing to compare
+    w = torch.randn(4096, 1024).bfloat16()             # 8 MiB packed: whole huge pages inside
+    assert torch.equal(tiles.pack(w, huge=True).data, tiles.pack(w).data)

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from rl.kernels.batch import BatchMeta
-from rl.kernels.cpu.malloc import huge_pages_once
 from rl.kernels.cpu.native import library
 from rl.kernels.cpu.rows import bmm_rows
 
@@ -180,7 +179,6 @@ def _paged_rows(q: torch.Tensor, batch: BatchMeta, kv_cache: torch.Tensor, scale
     run_at, first, count, pos, lens, calls = batch.derived(
         ("paged_rows", hkv, hq, block_size, d2), lambda: _paged_row_indices(batch, hkv, hq, block_size, d2))
     _check_runs(run_at, kv_cache)
-    huge_pages_once(kv_cache)                 # read at every step: on huge pages (speed only)
     q = q if q.stride(-1) == 1 else q.contiguous()
     cache_fp32, io_fp32 = int(kv_cache.dtype == torch.float32), int(q.dtype == torch.float32)
     scores_fn, combine_fn = _row_kernels()

@@ -29,7 +29,6 @@ import functools
 import torch
 
 from rl.kernels.batch import BatchMeta
-from rl.kernels.cpu.malloc import huge_pages_once
 from rl.kernels.cpu.native import library
 from rl.kernels.cpu.rows import bmm_rows
 
@@ -91,8 +90,6 @@ def _token_steps(q, k, v, log_decay, batch: BatchMeta, state, c: int) -> torch.T
     if int(low) < 0 or int(high) >= min(s_pool.shape[0], pend_pool.shape[0]):
         raise ValueError(f"lightning_attention: state slots [{int(low)}, {int(high)}] outside the "
                          f"pools ({s_pool.shape[0]} slots)")
-    huge_pages_once(s_pool)                   # read at every step: on huge pages (speed only)
-    huge_pages_once(pend_pool)
     if int(starts[-1]) != n:
         raise ValueError(f"lightning_attention: query_start_loc ends at {int(starts[-1])}, q has {n} tokens")
     out = torch.empty((n, h, d), dtype=io)

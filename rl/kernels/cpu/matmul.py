@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from rl.kernels.cpu import tiles
-from rl.kernels.cpu.malloc import huge_pages
 
 TILE_M = 32
 
@@ -189,11 +188,7 @@ def _can_pack() -> bool:
 def _pack_weight(w: torch.Tensor):
     """The packed form `matmul_rows_bf16` takes (tiles' layout with AMX, else oneDNN's), kept
     by the engine and read at every step: on huge pages where the kernel gives them."""
-    if not tiles.available():
-        return _pack(w, TILE_M)
-    packed = tiles.pack(w)
-    huge_pages(packed.data)
-    return packed
+    return tiles.pack(w, huge=True) if tiles.available() else _pack(w, TILE_M)
 
 
 def _packed(weight: torch.Tensor):

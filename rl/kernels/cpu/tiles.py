@@ -21,6 +21,7 @@ import functools
 import torch
 
 from rl.kernels.cpu import amx
+from rl.kernels.cpu.malloc import huge_pages
 from rl.kernels.cpu.native import library
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -54,8 +55,9 @@ def available() -> bool:
     return bool(amx.supported() and amx.permitted())
 
 
-def pack(weight: torch.Tensor) -> Packed:
-    """weight [n, k] bf16 (any row stride, unit column stride) -> its packed copy."""
+def pack(weight: torch.Tensor, huge: bool = False) -> Packed:
+    """weight [n, k] bf16 (any row stride, unit column stride) -> its packed copy; `huge`: on
+    huge pages where the kernel gives them (a copy the engine keeps and streams every step)."""
     if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu":
         raise ValueError(f"tiles.pack: a 2D bf16 CPU weight, got {weight.dtype} {list(weight.shape)} on {weight.device}")
     w = weight.detach()
@@ -65,6 +67,8 @@ def pack(weight: torch.Tensor) -> Packed:
     size, pack_fn = _functions()[:2]
     with torch.inference_mode(False):          # a plain tensor also under vLLM's inference mode
         data = torch.empty(size(n, k), dtype=torch.int16)
+    if huge:
+        huge_pages(data, now=False)            # before the first write: no copy
     pack_fn(n, k, w.data_ptr(), w.stride(0), data.data_ptr())
     return Packed(data, n, k)
 
