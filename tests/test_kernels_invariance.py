@@ -371,6 +371,24 @@ def test_c_swiglu_is_the_torch_forms_bits():
         assert_bits_equal(got, (elementwise.silu(gate.float()) * up.float()).to(torch.bfloat16), f"swiglu I={inter}")
 
 
+def test_c_forms_take_cpu_tensors_only():
+    """The `stock` backend borrows the cpu backend's RoPE for every device: a CUDA tensor once
+    reached the C pass and crashed the process (`lockstep mismatch --kernels stock --device
+    cuda`). Tensors not on the CPU (here: meta) get the torch forms or a clear error."""
+    import importlib
+    rope = importlib.import_module("rl.kernels.cpu.rope")
+    from rl.kernels.cpu import elementwise, norm
+    with torch.no_grad():
+        x = torch.empty(4, 2, 32, dtype=torch.bfloat16, device="meta")
+        assert rope.rope(x, torch.arange(4, device="meta"), 16, 1e4).device.type == "meta"
+        y = torch.empty(4, 64, dtype=torch.bfloat16, device="meta")
+        assert elementwise.swiglu(y, y).device.type == "meta"
+        with pytest.raises(ValueError, match="CPU tensors only"):
+            norm.rms_norm(x, torch.empty(32, dtype=torch.bfloat16, device="meta"), 1e-6)
+        with pytest.raises(ValueError, match="CPU tensors only"):
+            norm.gated_group_rms_norm(y, y, torch.empty(64, dtype=torch.bfloat16, device="meta"), 2, 1e-6)
+
+
 def test_c_expert_selection_is_the_torch_forms():
     """Without autograd the router's group-limited top-k runs in C (csrc/route.c); the trainer
     keeps the torch form (`select_experts`). Same ids and weight bits over expert counts, group

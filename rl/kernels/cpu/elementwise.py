@@ -34,7 +34,8 @@ def _swiglu_kernel():
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up in fp32, rounded to gate's dtype; gate, up [..., I]. bf16 rows without
     autograd: exp(-gate) from ATen, the rest in one C pass (the same bits)."""
-    if (gate.dtype == up.dtype == torch.bfloat16 and gate.shape == up.shape and gate.dim() == 2
+    if (gate.device.type == "cpu" and gate.dtype == up.dtype == torch.bfloat16 and gate.shape == up.shape
+            and gate.dim() == 2
             and gate.stride(1) == 1 and up.stride(1) == 1
             and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
         gate_exp = gate.float().neg_().exp_()          # a fresh fp32 copy: in place is safe

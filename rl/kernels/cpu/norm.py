@@ -41,7 +41,7 @@ def _rows_kernel():
 def _c_weight_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
     """How many weight rows the C form cycles through for x (0: it does not take this call)."""
     d = x.shape[-1]
-    if (x.dtype not in (torch.bfloat16, torch.float32) or x.dim() < 2
+    if (x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or x.dim() < 2
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return 0
     if weight.shape == (d,):
@@ -93,7 +93,8 @@ def gated_group_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tens
     c = x.shape[-1]
     if c % num_groups:
         raise ValueError(f"gated_group_rms_norm: {c} channels not divisible by {num_groups} groups")
-    if (x.dtype in (torch.bfloat16, torch.float32) and gate.shape == x.shape and weight.shape == (c,)
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and gate.shape == x.shape
+            and weight.shape == (c,)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, weight)))):
         gate_exp = gate.to(torch.float32, memory_format=torch.contiguous_format, copy=True).neg_().exp_()
         groups = x.reshape(*x.shape[:-1], num_groups, c // num_groups)

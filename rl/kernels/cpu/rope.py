@@ -52,11 +52,11 @@ def rope(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float
     """x [N, H, D], positions [N] -> x.dtype; rotates the first `rotary_dim` dims of each head.
 
     Elementwise per token, so invariant to batch and to prefill/decode by construction. Without
-    autograd the rotation runs in one C pass (csrc/norm_rope.c: the same fp32 operations, the
+    autograd, on CPU tensors, the rotation runs in one C pass (csrc/norm_rope.c: the same fp32 operations, the
     same bits; tests/test_kernels_invariance.py compares the two forms)."""
     cos, sin = _cached_tables(positions, rotary_dim, theta)
-    if (x.dtype in (torch.bfloat16, torch.float32) and x.dim() == 3 and x.stride(-1) == 1
-            and not (torch.is_grad_enabled() and x.requires_grad)):
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and x.dim() == 3
+            and x.stride(-1) == 1 and not (torch.is_grad_enabled() and x.requires_grad)):
         n, h, d = x.shape
         y = torch.empty((n, h, d), dtype=x.dtype)
         _rows_kernel()(n, h, d, rotary_dim, x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(),
