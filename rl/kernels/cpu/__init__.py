@@ -23,12 +23,15 @@ What breaks invariance in plain torch on CPU, measured here, and what we do inst
     oneDNN path with other bits): `amx.request` asks when this backend loads; the build
     fingerprint reports it.
 Speed (the rollout engine's decode step is many small ops): weights are read once per product
-at decode sizes (the tile kernel; a MoE layer's experts in two grouped calls); lightning
-attention with a state (every rollout forward) steps through the tokens in C
-(csrc/lightning_steps.c) and softmax attention's decode step runs in C (attention_decode.c),
-both the general path's arithmetic on a token's own rows; and without autograd RMSNorm, RoPE and the router's top-k run as one C pass
-each (csrc/norm_rope.c, route.c) with the torch forms' bits, which the trainer keeps; tests
-compare every pair of forms bit for bit (`native.py` builds the C once per machine).
+at decode sizes (the tile kernel, prefetching ahead, the engine's packs on huge pages; a MoE
+layer's experts in two grouped calls that gather their rows themselves); every rollout forward
+(prefill and decode) runs both attention kinds in C on each new token's own rows, the general
+path's arithmetic (csrc/lightning_steps.c stepping through the tokens with the state,
+csrc/attention_rows.c over each token's visible key blocks); and without autograd RMSNorm (plain
+and gated), RoPE, SwiGLU, the experts' weighted sum and the router's top-k run as one C pass
+each (csrc/norm_rope.c, moe_rows.c, route.c; ATen's exp where the torch form takes it) with the
+torch forms' bits, which the trainer keeps; tests compare every pair of forms bit for bit
+(`native.py` builds the C once per machine).
 """
 from rl.kernels.cpu import amx
 from rl.kernels.cpu.malloc import keep_heap_top
