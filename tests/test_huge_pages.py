@@ -6,7 +6,7 @@ from rl.kernels.cpu import malloc
 
 
 def test_huge_pages_keep_the_values_and_cover_whole_pages_inside():
-    t = torch.randn(3 << 20)                           # 12 MiB, touched: MADV_COLLAPSE moves it
+    t = torch.randn(3 << 20)                           # 12 MiB, already touched: the advice is for later faults
     before = t.clone()
     advised = malloc.huge_pages(t)
     assert torch.equal(t, before)

@@ -135,10 +135,7 @@ def _paged_row_indices(batch: BatchMeta, hkv: int, hq: int, block_size: int, d2:
     runs = (page[:, None] * hkv + heads[None, :]) * (block_size // BLOCK_K) + (start % block_size // BLOCK_K)[:, None]
     seq_first = have.cumsum(0) - have
     pos = batch.positions()
-    if batch.is_decode():
-        first = seq_first
-    else:
-        first = torch.repeat_interleave(seq_first, batch.query_lens)
+    first = torch.repeat_interleave(seq_first, batch.query_lens)
     count = pos // BLOCK_K + 1
     rows_per_call = max(1, Z_FLOATS // (hq * n_blocks * BLOCK_K))
     calls = [(r0, min(r0 + rows_per_call, pos.numel())) for r0 in range(0, pos.numel(), rows_per_call)]

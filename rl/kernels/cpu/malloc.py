@@ -18,7 +18,7 @@ from rl.kernels.cpu.libc import libc
 
 M_TOP_PAD = -2
 TOP_PAD_BYTES = 256 << 20
-MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
+MADV_HUGEPAGE = 14
 HUGE_PAGE_BYTES = 2 << 20
 
 
@@ -31,24 +31,23 @@ def keep_heap_top() -> bool:
         return False
 
 
-def huge_pages(t: torch.Tensor, now: bool = True) -> int:
-    """Back the whole 2 MiB pages inside the memory t spans (any strides) with transparent huge
-    pages: `now`, MADV_COLLAPSE (Linux >= 6.1: pages already touched too, copied), else or where
-    that is refused MADV_HUGEPAGE (pages touched from now on: cheap, for memory about to be
-    written). A decode step streams every packed weight once; on 4 KiB pages
-    a small MoE's expert stream ran at ~10.6 GB/s here, on huge pages ~12.5, and the small
-    model's rollout inside vLLM took ~6.2-7.0 s against ~7.2-8.9 s (A/B in alternation); the
-    engine's packs take MADV_HUGEPAGE before they are written (prepack 1.3 -> 2.4 s the first
-    time, 1.4 s after, as at a weight update). Not for vLLM's state pools and KV cache: they
-    are touched when allocated, and collapsing a 1 GiB pool took 3.4 s (0.1 GiB: 0.06 s). A no-op where the kernel or C library refuses.
-    Returns the bytes advised (0: none)."""
+def huge_pages(t: torch.Tensor) -> int:
+    """Ask the kernel to back the whole 2 MiB pages inside contiguous t with transparent huge
+    pages as they are first touched (MADV_HUGEPAGE: for memory about to be written; pages
+    already touched stay as they are). A decode step streams every packed weight once; on 4
+    KiB pages a small MoE's expert stream ran at ~10.6 GB/s here, on huge pages ~12.5, and the
+    small model's rollout inside vLLM took ~6.2-7.0 s against ~7.2-8.9 s (A/B in alternation);
+    the engine's packs take it before they are written (prepack 1.3 -> 2.4 s the first time,
+    1.4 s after, as at a weight update). Not for vLLM's state pools and KV cache: they are
+    touched when allocated, and moving a 1 GiB pool onto huge pages (MADV_COLLAPSE) took 3.4 s
+    (0.1 GiB: 0.06 s). Speed only; a no-op where the kernel or C library refuses. Returns the
+    bytes advised (0: none)."""
     lib = libc()
-    if lib is None or t.device.type != "cpu" or t.numel() == 0 or any(s < 0 for s in t.stride()):
+    if lib is None or t.device.type != "cpu" or not t.is_contiguous():
         return 0
-    span = (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
     start = t.data_ptr()
     first = -(-start // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-    last = (start + span) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    last = (start + t.numel() * t.element_size()) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
     if last <= first:
         return 0
     try:
@@ -56,8 +55,4 @@ def huge_pages(t: torch.Tensor, now: bool = True) -> int:
     except AttributeError:
         return 0
     madvise.restype, madvise.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    for advice in ((MADV_COLLAPSE, MADV_HUGEPAGE) if now else (MADV_HUGEPAGE,)):
-        if madvise(first, last - first, advice) == 0:
-            return last - first
-    return 0
-
+    return last - first if madvise(first, last - first, MADV_HUGEPAGE) == 0 else 0

@@ -10,8 +10,8 @@ the same forward bits (tested), two ways of summing x's gradient (see `_per_expe
 Without autograd, where the rollout engine asked for stacked copies (`prepack_experts`), with
 AMX tiles all experts run in two grouped calls (`_grouped_experts`: each used expert's weights
 read once, no per-expert Python), with the SwiGLU step (`elementwise.swiglu`) and the
-weighted sum as C passes (csrc/moe_rows.c, the torch forms' bits). Without AMX, where it is cheaper (decode batches, see
-`_dense_choice`), the gate/up and/or the down products run once
+weighted sum as C passes (csrc/moe_rows.c, the torch forms' bits). Without AMX, where it is
+cheaper (decode batches, see `_dense_choice`), the gate/up and/or the down products run once
 over all experts' weights stacked (`_stacked_experts`): a
 product's output element does not depend on how many weight rows share the call (tested at
 the model shapes), so the selected columns carry the per-expert bits in one oneDNN call

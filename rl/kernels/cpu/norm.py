@@ -93,12 +93,11 @@ def gated_group_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tens
     c = x.shape[-1]
     if c % num_groups:
         raise ValueError(f"gated_group_rms_norm: {c} channels not divisible by {num_groups} groups")
-    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and gate.shape == x.shape
-            and weight.shape == (c,)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, weight)))):
-        gate_exp = gate.to(torch.float32, memory_format=torch.contiguous_format, copy=True).neg_().exp_()
-        groups = x.reshape(*x.shape[:-1], num_groups, c // num_groups)
-        return _rms_norm_c(groups, weight.view(num_groups, -1), eps, num_groups, gate_exp).view(x.shape)
+    if gate.shape == x.shape and weight.shape == (c,) and not (torch.is_grad_enabled() and gate.requires_grad):
+        groups, group_weight = x.reshape(*x.shape[:-1], num_groups, c // num_groups), weight.view(num_groups, -1)
+        if _c_weight_rows(groups, group_weight):          # one weight row per group
+            gate_exp = gate.to(torch.float32, memory_format=torch.contiguous_format, copy=True).neg_().exp_()
+            return _rms_norm_c(groups, group_weight, eps, num_groups, gate_exp).view(x.shape)
     return _gated_group_rms_norm_torch(x, gate, weight, num_groups, eps)
 
 

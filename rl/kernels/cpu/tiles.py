@@ -68,7 +68,7 @@ def pack(weight: torch.Tensor, huge: bool = False) -> Packed:
     with torch.inference_mode(False):          # a plain tensor also under vLLM's inference mode
         data = torch.empty(size(n, k), dtype=torch.int16)
     if huge:
-        huge_pages(data, now=False)            # before the first write: no copy
+        huge_pages(data)                       # before the first write
     pack_fn(n, k, w.data_ptr(), w.stride(0), data.data_ptr())
     return Packed(data, n, k)
 
